@@ -1,0 +1,1 @@
+"""The cicada command: start the mesh, write checkpoints, run the benchmarks."""

@@ -1,0 +1,1 @@
+"""Benchmarks: cold-start ablation, mixed-priority load."""

@@ -1,0 +1,144 @@
+"""The ``cicada`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Cicada mesh: cold starts without wasted initialisation.",
+)
+bench = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(bench, name="bench")
+console = Console(stderr=True)
+
+ModelsDir = Annotated[Path, typer.Option("--dir", help="Directory holding one folder per model.")]
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def checkpoints(
+    models: Annotated[str, typer.Option(help="Comma-separated zoo names, or 'all'.")] = "all",
+    dir: ModelsDir = Path("models"),
+    tiny: Annotated[bool, typer.Option(help="Small configs of the same architectures.")] = False,
+) -> None:
+    """Write random-weight checkpoints of the zoo's models (no weights can be downloaded)."""
+    from cicada_loader.engine.zoo import MODELS, write_checkpoint
+
+    names = list(MODELS) if models == "all" else _split(models)
+    for name in names:
+        out = write_checkpoint(name, dir / name, tiny=tiny)
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        console.print(f"{name}: {out} ({size / 1e6:.0f} MB)")
+
+
+@app.command()
+def coldstart(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, file:// or http(s):// URL.")],
+    variant: Annotated[
+        str, typer.Option(help="cicada, naive, pisel, pisel+miniloader, pisel+decoupler")
+    ] = "cicada",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    timeline: Annotated[
+        Path | None, typer.Option(help="Write the full timeline JSON here.")
+    ] = None,
+) -> None:
+    """Cold-start one model with sample inputs and print its timeline summary."""
+    from cicada_loader import cold_start
+
+    result = cold_start(model, variant=variant, device=device, reuse_cache=False)
+    print(
+        json.dumps(
+            {
+                "model": model,
+                "variant": variant,
+                **result.timeline.summary(),
+                "outputs": {k: list(v.shape) for k, v in result.outputs.items()},
+            },
+            indent=2,
+        )
+    )
+    if timeline:
+        timeline.write_text(json.dumps(result.timeline.to_json(), indent=1))
+
+
+@bench.command("coldstart")
+def bench_coldstart(
+    model: Annotated[str, typer.Option(help="Comma-separated zoo names.")] = ",".join(
+        ["gpt2", "gpt2-medium", "bert-base", "labse", "vit-base", "resnet50", "vgg19"]
+    ),
+    origin: Annotated[str, typer.Option(help="Comma-separated: file, file-cold, http.")] = (
+        "file,file-cold,http"
+    ),
+    bandwidth: Annotated[str, typer.Option(help="HTTP origin caps, comma-separated.")] = "1gbit",
+    repeat: Annotated[int, typer.Option(min=1, help="Rounds; figures are medians.")] = 5,
+    variants: Annotated[str, typer.Option(help="Comma-separated variants.")] = (
+        "naive,pisel,pisel+miniloader,pisel+decoupler,cicada"
+    ),
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write results.")] = Path(
+        "bench-coldstart.json"
+    ),
+    models_dir: Annotated[Path, typer.Option(help="Checkpoints; missing ones are written.")] = Path(
+        "models"
+    ),
+    work_dir: Annotated[Path, typer.Option(help="Scratch space for caches.")] = Path("bench-out"),
+    seq_len: Annotated[int, typer.Option(help="Tokens per text input.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Cold-start every model from every origin with every variant; medians over rounds."""
+    from cicada_cli.bench.coldstart import markdown_table, origins_for, run_coldstart
+
+    results = run_coldstart(
+        models=_split(model),
+        origins=origins_for(_split(origin), _split(bandwidth)),
+        variants=_split(variants),
+        repeat=repeat,
+        models_dir=models_dir,
+        work_dir=work_dir,
+        seq_len=seq_len,
+        device=device,
+        console=console,
+    )
+    json_path.write_text(json.dumps(results, indent=1))
+    print(markdown_table(results))
+    console.print(f"results: {json_path}")
+
+
+@bench.command("table")
+def bench_table(json_path: Annotated[Path, typer.Argument(help="A bench coldstart JSON.")]) -> None:
+    """Print the markdown table of a cold-start benchmark's results."""
+    from cicada_cli.bench.coldstart import markdown_table
+
+    print(markdown_table(json.loads(json_path.read_text())))
+
+
+@bench.command("plot")
+def bench_plot(
+    json_path: Annotated[Path, typer.Argument(help="A bench coldstart JSON.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("docs/img/timeline.png"),
+    model: Annotated[str, typer.Option()] = "gpt2",
+    origin: Annotated[str, typer.Option()] = "file",
+    variants: Annotated[str, typer.Option()] = "pisel,cicada",
+) -> None:
+    """Draw one cold start's timeline per variant, side by side."""
+    from cicada_cli.bench.plot import plot_timelines
+
+    results = json.loads(json_path.read_text())
+    row = next((r for r in results if r["model"] == model and r["origin"] == origin), None)
+    if row is None:
+        raise typer.BadParameter(f"no results for {model} from {origin} in {json_path}")
+    plot_timelines(row, _split(variants), out)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Cicada scheduler: owns jobs and their priorities, places them on loaders."""

@@ -1,0 +1,505 @@
+"""The WeightDecoupler's fetching half: bytes in execution order, into the node cache.
+
+One ``Fetcher`` per node owns a pool of worker threads and one priority queue of byte
+ranges shared by every fetch in flight, so a more urgent fetch overtakes a running one at
+the next range. A fetch:
+
+1. reads ``config.json``, the shard index if any, and each shard's header; allocates each
+   cache file at full size (a byte-for-byte replica of the origin file) and announces the
+   ``Manifest``;
+2. plans pieces from the execution order (given, or asked of ``order`` once the manifest
+   is known);
+3. copies ranges into the cache files out of order, several at a time, and announces each
+   piece the moment its last range lands; then writes a ``.complete`` marker.
+
+Listeners are called from worker threads and must return quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cicada_shared.errors import CheckpointError, HeaderError, LoadCancelled
+from cicada_weights.header import PREFIX_BYTES, Header, TensorEntry, header_length, parse_header
+from cicada_weights.origins import Origin, open_origin
+from cicada_weights.plan import Piece, PlanOptions, plan_pieces
+
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+COMPLETE = ".complete"
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What a fetch delivers: the model's config and its shard files in the cache."""
+
+    uri: str
+    cache_dir: Path
+    config: dict[str, Any]
+    headers: dict[str, Header]
+
+    def path(self, file: str) -> Path:
+        return self.cache_dir / file
+
+    @property
+    def tensors(self) -> dict[str, TensorEntry]:
+        return {n: e for h in self.headers.values() for n, e in h.tensors.items()}
+
+    @property
+    def file_of(self) -> dict[str, str]:
+        return {n: h.file for h in self.headers.values() for n in h.tensors}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.file_size for h in self.headers.values())
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestReady:
+    manifest: Manifest
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PieceLanded:
+    piece: Piece
+    started: float
+    landed: float
+
+
+@dataclass(frozen=True, slots=True)
+class FetchDone:
+    nbytes: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed:
+    error: BaseException
+    at: float
+
+
+FetchEvent = ManifestReady | PieceLanded | FetchDone | FetchFailed
+Listener = Callable[[FetchEvent], None]
+Order = Sequence[Sequence[str]]
+OrderSource = Order | Callable[[Manifest], Order] | None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOptions:
+    """Per-fetch knobs; the defaults are the WeightDecoupler's."""
+
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    #: Most ranges of this fetch in flight at once (``None``: as many as there are workers).
+    concurrency: int | None = None
+    #: Larger is more urgent; ranges of a more urgent fetch are taken first.
+    priority: int = 0
+    #: Reuse a complete cache directory instead of fetching again.
+    reuse_cache: bool = True
+    #: Called (from a worker) before a piece's first range is read; may block.
+    gate: Callable[[Piece], None] | None = None
+
+
+class Fetcher:
+    """Fetches checkpoints from origins into ``cache_root``, announcing pieces as they land.
+
+    Args:
+        cache_root: node-local cache; each model gets a sub-directory.
+        workers: threads copying ranges; also the parallelism of one fetch.
+        buffer_bytes: per-worker transfer buffer (the only memory the fetcher holds).
+        timeout_s: an origin that sends nothing for this long fails the fetch.
+        retries: attempts per request on transient origin errors.
+    """
+
+    def __init__(
+        self,
+        cache_root: Path,
+        *,
+        workers: int = 4,
+        buffer_bytes: int = 1 << 20,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+    ) -> None:
+        self.cache_root = cache_root
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.workers = workers
+        self._queue: queue.PriorityQueue[tuple[tuple[int, int, int, int], _RangeTask | None]] = (
+            queue.PriorityQueue()
+        )
+        self._seq = itertools.count()
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(buffer_bytes,), daemon=True, name=f"cicada-fetch-{i}"
+            )
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def fetch(
+        self,
+        uri: str,
+        listener: Listener,
+        *,
+        order: OrderSource = None,
+        options: FetchOptions = FetchOptions(),
+        key: str | None = None,
+    ) -> FetchHandle:
+        """Start fetching ``uri``; events go to ``listener``; returns at once."""
+        cache_dir = self.cache_root / (key or cache_key(uri))
+        handle = FetchHandle(self, uri, cache_dir, listener, order, options, next(self._seq))
+        threading.Thread(target=handle._start, daemon=True, name="cicada-fetch-setup").start()
+        return handle
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(((-(1 << 62), 0, 0, 0), None))
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _submit(self, task: _RangeTask) -> None:
+        h = task.handle
+        self._queue.put(((-h.options.priority, h.seq, task.piece.index, task.index), task))
+
+    def _work(self, buffer_bytes: int) -> None:
+        buf = bytearray(buffer_bytes)
+        while True:
+            _, task = self._queue.get()
+            if task is None:
+                return
+            task.handle._run_range(task, buf)
+
+
+def cache_key(uri: str) -> str:
+    """A readable, collision-safe directory name for ``uri``."""
+    base = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:40]
+    return f"{safe}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+
+
+@dataclass(slots=True)
+class _RangeTask:
+    handle: FetchHandle
+    piece: Piece
+    index: int
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class _PieceState:
+    remaining: int
+    started: float | None = None
+
+
+@dataclass(eq=False)
+class FetchHandle:
+    """One fetch in flight. ``wait()`` blocks until it ends; ``cancel()`` stops it."""
+
+    fetcher: Fetcher
+    uri: str
+    cache_dir: Path
+    listener: Listener
+    order: OrderSource
+    options: FetchOptions
+    seq: int
+    manifest: Manifest | None = None
+    error: BaseException | None = None
+    nbytes: int = 0
+    _done: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Condition = field(default_factory=threading.Condition)
+    _origin: Origin | None = None
+    _fds: dict[str, int] = field(default_factory=dict)
+    _pieces: dict[int, _PieceState] = field(default_factory=dict)
+    _backlog: list[_RangeTask] = field(default_factory=list)
+    _in_flight: int = 0
+    #: threads working on this fetch (setup, or a worker copying a range); files and the
+    #: origin are closed only once this drops to zero after the fetch ended
+    _active: int = 0
+    _closed: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the fetch ends; raise its error if it failed."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"fetch of {self.uri} still running after {timeout}s")
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self._fail(LoadCancelled(f"fetch of {self.uri} cancelled"))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """After the fetch ended, wait until no thread still works on it."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._active == 0, timeout)
+
+    def _enter(self) -> bool:
+        with self._lock:
+            if self.error is not None or self._done.is_set():
+                return False
+            self._active += 1
+            return True
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._active -= 1
+            idle = self._active == 0 and (self.error is not None or self._done.is_set())
+            self._lock.notify_all()
+        if idle:
+            self._close()
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if not self._enter():
+            return
+        try:
+            self._setup()
+        finally:
+            self._exit()
+
+    def _setup(self) -> None:
+        try:
+            manifest = self._reuse() if self.options.reuse_cache else None
+            if manifest is not None:
+                self._announce_cached(manifest)
+                return
+            self._origin = open_origin(
+                self.uri,
+                timeout_s=self.fetcher.timeout_s,
+                retries=self.fetcher.retries,
+                pool=self.fetcher.workers + 1,
+            )
+            manifest = self._prepare(self._origin)
+            if self.error is not None:  # cancelled while preparing
+                return
+            self.manifest = manifest
+            self._emit(ManifestReady(manifest, time.perf_counter()))
+            order = self.order(manifest) if callable(self.order) else (self.order or ())
+            self._schedule(plan_pieces(manifest.headers, order, self.options.plan))
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _prepare(self, origin: Origin) -> Manifest:
+        (self.cache_dir / COMPLETE).unlink(missing_ok=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        raw_config = origin.read_file(CONFIG)
+        if raw_config is None:
+            raise CheckpointError("config.json not found", file=CONFIG)
+        config = json_object(raw_config, CONFIG)
+        (self.cache_dir / CONFIG).write_bytes(raw_config)
+        raw_index = origin.read_file(INDEX)
+        if raw_index is not None:
+            (self.cache_dir / INDEX).write_bytes(raw_index)
+        files = shard_files(raw_index)
+        headers = {f: self._open_shard(origin, f) for f in files}
+        if raw_index is not None:
+            _check_index(json_object(raw_index, INDEX)["weight_map"], headers)
+        return Manifest(self.uri, self.cache_dir, config, headers)
+
+    def _open_shard(self, origin: Origin, file: str) -> Header:
+        size = origin.size(file)
+        prefix = origin.read(file, 0, min(size, PREFIX_BYTES)) if size else b""
+        length = header_length(prefix, file=file, file_size=size)
+        if 8 + length > len(prefix):
+            prefix += origin.read(file, len(prefix), 8 + length - len(prefix))
+        header = parse_header(prefix[8 : 8 + length], file=file, file_size=size)
+        fd = os.open(self.cache_dir / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds[file] = fd
+        os.ftruncate(fd, size)
+        os.pwrite(fd, prefix[: 8 + length], 0)
+        return header
+
+    def _schedule(self, pieces: list[Piece]) -> None:
+        tasks: list[_RangeTask] = []
+        with self._lock:
+            for piece in pieces:
+                self._pieces[piece.index] = _PieceState(len(piece.ranges))
+                tasks += [_RangeTask(self, piece, i, s, e) for i, (s, e) in enumerate(piece.ranges)]
+            self._backlog = tasks[::-1]
+        for piece in pieces:
+            if not piece.ranges:
+                self._landed(piece)
+        self._release()
+        self._maybe_finish()
+
+    def _release(self) -> None:
+        """Hand ranges to the shared queue, keeping at most ``concurrency`` in flight."""
+        limit = self.options.concurrency or len(self._backlog) or 1
+        ready: list[_RangeTask] = []
+        with self._lock:
+            while self._backlog and self._in_flight < limit and self.error is None:
+                ready.append(self._backlog.pop())
+                self._in_flight += 1
+        for task in ready:
+            self.fetcher._submit(task)
+
+    # -- ranges --------------------------------------------------------------------------
+
+    def _run_range(self, task: _RangeTask, buf: bytearray) -> None:
+        if not self._enter():
+            return
+        try:
+            self._copy(task, buf)
+        finally:
+            self._exit()
+
+    def _copy(self, task: _RangeTask, buf: bytearray) -> None:
+        state = self._pieces[task.piece.index]
+        try:
+            if task.index == 0 and self.options.gate is not None:
+                self.options.gate(task.piece)
+            if state.started is None:
+                state.started = time.perf_counter()
+            fd = self._fds[task.piece.file]
+            assert self._origin is not None
+            self._origin.copy_range(task.piece.file, task.start, task.end, fd, buf)
+        except BaseException as exc:
+            self._fail(exc)
+            return
+        with self._lock:
+            self._in_flight -= 1
+            self.nbytes += task.end - task.start
+            state.remaining -= 1
+            finished = state.remaining == 0
+        if finished:
+            self._landed(task.piece)
+        self._release()
+        self._maybe_finish()
+
+    def _landed(self, piece: Piece) -> None:
+        state = self._pieces[piece.index]
+        now = time.perf_counter()
+        self._emit(PieceLanded(piece, state.started or now, now))
+
+    def _maybe_finish(self) -> None:
+        with self._lock:
+            if self.error is not None or self._done.is_set():
+                return
+            if any(s.remaining for s in self._pieces.values()) or self._backlog:
+                return
+            self._done.set()
+        assert self.manifest is not None
+        marker = {f: h.file_size for f, h in self.manifest.headers.items()}
+        (self.cache_dir / COMPLETE).write_text(json.dumps({"uri": self.uri, "files": marker}))
+        self._emit(FetchDone(self.nbytes, time.perf_counter()))
+
+    # -- cache reuse ---------------------------------------------------------------------
+
+    def _reuse(self) -> Manifest | None:
+        try:
+            marker = json.loads((self.cache_dir / COMPLETE).read_text())
+            config = json_object((self.cache_dir / CONFIG).read_bytes(), CONFIG)
+        except (OSError, ValueError, CheckpointError):
+            return None
+        headers: dict[str, Header] = {}
+        for file, size in marker.get("files", {}).items():
+            path = self.cache_dir / file
+            if marker.get("uri") != self.uri or not path.is_file() or path.stat().st_size != size:
+                return None
+            with path.open("rb") as f:
+                prefix = f.read(PREFIX_BYTES)
+                length = header_length(prefix, file=file, file_size=size)
+                if 8 + length > len(prefix):
+                    prefix += f.read(8 + length - len(prefix))
+            headers[file] = parse_header(prefix[8 : 8 + length], file=file, file_size=size)
+        return Manifest(self.uri, self.cache_dir, config, headers) if headers else None
+
+    def _announce_cached(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        now = time.perf_counter()
+        self._emit(ManifestReady(manifest, now))
+        order = self.order(manifest) if callable(self.order) else (self.order or ())
+        for piece in plan_pieces(manifest.headers, order, self.options.plan):
+            self._emit(PieceLanded(piece, now, now))
+        self._done.set()
+        self._emit(FetchDone(0, time.perf_counter()))
+
+    # -- endings -------------------------------------------------------------------------
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is not None or self._done.is_set():
+                return
+            self.error = error
+            self._backlog.clear()
+            self._done.set()
+            idle = self._active == 0
+        if idle:
+            self._close()
+        self._emit(FetchFailed(error, time.perf_counter()))
+
+    def _close(self) -> None:
+        """Close the cache files and the origin (once no thread can still use them)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+        if self._origin is not None:
+            self._origin.close()
+
+    def _emit(self, event: FetchEvent) -> None:
+        with contextlib.suppress(Exception):
+            self.listener(event)
+
+
+def shard_files(raw_index: bytes | None) -> list[str]:
+    """The safetensors files of a checkpoint: from its index, or the single default file."""
+    if raw_index is None:
+        return [SINGLE]
+    weight_map = json_object(raw_index, INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise HeaderError("weight_map must map tensor names to file names", file=INDEX)
+    files = sorted(set(weight_map.values()))
+    for f in files:
+        if "/" in f or "\\" in f or f in ("", ".", "..") or not f.endswith(".safetensors"):
+            raise HeaderError(f"shard name {f!r} is not a plain .safetensors file name", file=INDEX)
+    return files
+
+
+def _check_index(weight_map: dict[str, str], headers: dict[str, Header]) -> None:
+    for tensor, file in weight_map.items():
+        if tensor not in headers[file].tensors:
+            raise HeaderError(
+                f"index places tensor {tensor!r} in {file}, which lacks it",
+                file=INDEX,
+                tensor=tensor,
+            )
+
+
+def json_object(raw: bytes, file: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"not valid JSON: {exc}", file=file) from exc
+    if not isinstance(doc, dict):
+        raise HeaderError("not a JSON object", file=file)
+    return doc

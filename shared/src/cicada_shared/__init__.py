@@ -1,0 +1,1 @@
+"""Cicada shared library: message contracts, bus, settings, logging and errors."""

@@ -1,0 +1,177 @@
+"""The weights side against real files and a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from cicada_shared.errors import CheckpointError, OriginError, OriginTimeout, TruncatedCheckpoint
+from cicada_weights import (
+    FetchDone,
+    Fetcher,
+    FetchFailed,
+    FetchOptions,
+    ManifestReady,
+    PieceLanded,
+    PlanOptions,
+)
+
+
+def fetch(uri: str, cache: Path, **kw: Any) -> list[Any]:
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    opts = kw.pop("options", FetchOptions(reuse_cache=False))
+    with Fetcher(cache, timeout_s=kw.pop("timeout_s", 10.0), retries=kw.pop("retries", 1)) as f:
+        handle = f.fetch(uri, events.put, options=opts, **kw)
+        handle._done.wait(30)
+    out = []
+    while not events.empty():
+        out.append(events.get())
+    return out
+
+
+def cached_file(events: list[Any], name: str = "model.safetensors") -> Path:
+    manifest = next(e for e in events if isinstance(e, ManifestReady)).manifest
+    return manifest.path(name)
+
+
+def test_file_origin_replicates_the_file(checkpoints: Callable[..., Path], tmp_path: Path) -> None:
+    src = checkpoints("gpt2")
+    order = [["transformer.wte.weight"], ["transformer.wpe.weight"]]
+    events = fetch(
+        str(src),
+        tmp_path,
+        order=order,
+        options=FetchOptions(plan=PlanOptions(piece_bytes=1, range_bytes=4096), reuse_cache=False),
+    )
+    assert isinstance(events[0], ManifestReady)
+    assert isinstance(events[-1], FetchDone)
+    pieces = [e.piece for e in events if isinstance(e, PieceLanded)]
+    first = min(pieces, key=lambda p: p.index)
+    assert first.tensors == ("transformer.wte.weight",)  # needed first, stored last
+    assert sum(len(p.tensors) for p in pieces) == len(events[0].manifest.tensors)
+    assert cached_file(events).read_bytes() == (src / "model.safetensors").read_bytes()
+    assert (tmp_path.joinpath(*cached_file(events).parent.parts[-1:]) / ".complete").exists()
+
+
+def test_http_origin_with_ranges(
+    checkpoints: Callable[..., Path], http_origin: Callable[..., str], tmp_path: Path
+) -> None:
+    src = checkpoints("bert-base")
+    url = http_origin(src.parent)
+    events = fetch(
+        f"{url}/{src.name}",
+        tmp_path,
+        options=FetchOptions(plan=PlanOptions(range_bytes=8192), reuse_cache=False),
+    )
+    assert isinstance(events[-1], FetchDone), events[-1]
+    assert cached_file(events).read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+def test_sharded_checkpoint(checkpoints: Callable[..., Path], tmp_path: Path) -> None:
+    src = checkpoints("gpt2", shard="200KB")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) > 1
+    events = fetch(str(src), tmp_path)
+    assert isinstance(events[-1], FetchDone)
+    for name in shards:
+        assert cached_file(events, name).read_bytes() == (src / name).read_bytes()
+
+
+def test_complete_cache_is_reused(checkpoints: Callable[..., Path], tmp_path: Path) -> None:
+    src = checkpoints("gpt2")
+    fetch(str(src), tmp_path)
+    again = fetch(str(src), tmp_path, options=FetchOptions(reuse_cache=True))
+    assert isinstance(again[-1], FetchDone) and again[-1].nbytes == 0
+
+
+def test_truncated_origin_fails_before_fetching(
+    checkpoints: Callable[..., Path], tmp_path: Path
+) -> None:
+    src = tmp_path / "broken"
+    shutil.copytree(checkpoints("gpt2"), src)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) - 100])
+    events = fetch(str(src), tmp_path / "cache")
+    assert len(events) == 1 and isinstance(events[0], FetchFailed)
+    assert isinstance(events[0].error, TruncatedCheckpoint)
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (event,) = fetch(str(tmp_path / "empty"), tmp_path / "cache")
+    assert isinstance(event, FetchFailed) and isinstance(event.error, CheckpointError)
+    assert "config.json" in str(event.error)
+
+
+def test_origin_error_status(serve_app: Callable[[web.Application], str], tmp_path: Path) -> None:
+    async def broken(_: web.Request) -> web.Response:
+        return web.Response(status=503, text="down")
+
+    app = web.Application()
+    app.router.add_get("/{path:.+}", broken)
+    url = serve_app(app)
+    (event,) = fetch(f"{url}/m", tmp_path, retries=1)
+    assert isinstance(event, FetchFailed) and isinstance(event.error, OriginError)
+    assert "503" in str(event.error) and url in str(event.error)
+
+
+def test_origin_ignoring_range(
+    checkpoints: Callable[..., Path], serve_app: Callable[[web.Application], str], tmp_path: Path
+) -> None:
+    src = checkpoints("gpt2")
+
+    async def whole_file(request: web.Request) -> web.Response:
+        path = src / request.match_info["path"]
+        if not path.is_file():
+            return web.Response(status=404)
+        return web.Response(body=path.read_bytes())  # 200 with everything, Range or not
+
+    app = web.Application()
+    app.router.add_route("*", "/m/{path:.+}", whole_file)
+    url = serve_app(app)
+    (event,) = fetch(f"{url}/m", tmp_path)
+    assert isinstance(event, FetchFailed) and isinstance(event.error, OriginError)
+    assert "ignores Range" in str(event.error)
+
+
+def test_stalled_origin_times_out(
+    checkpoints: Callable[..., Path], serve_app: Callable[[web.Application], str], tmp_path: Path
+) -> None:
+    src = checkpoints("gpt2")
+    data = (src / "model.safetensors").read_bytes()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["path"]
+        if name == "config.json":
+            return web.Response(body=(src / "config.json").read_bytes())
+        if name != "model.safetensors":
+            return web.Response(status=404)
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Length": str(len(data))})
+        first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+        start, end = int(first), int(last) + 1
+        resp = web.StreamResponse(
+            status=206, headers={"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
+        )
+        resp.content_length = end - start
+        await resp.prepare(request)
+        if start == 0:  # the header read succeeds; bulk reads stall after 1 KiB
+            await resp.write(data[start:end])
+            return resp
+        await resp.write(data[start : start + 1024])
+        await asyncio.sleep(60)
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/m/{path:.+}", stall)
+    url = serve_app(app)
+    events = fetch(f"{url}/m", tmp_path, timeout_s=0.5, retries=1)
+    failed = [e for e in events if isinstance(e, FetchFailed)]
+    assert len(failed) == 1 and isinstance(failed[0].error, OriginTimeout)
+    assert not any(isinstance(e, FetchDone) for e in events)
