@@ -85,6 +85,8 @@ def http_origins(specs: list[OriginSpec], root: Path) -> Iterator[dict[str, str]
         for proc in procs:
             proc.terminate()
             proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 def ensure_checkpoints(models: list[str], models_dir: Path, console: Console) -> None:

@@ -1,0 +1,46 @@
+"""The benchmark harness end to end, on tiny checkpoints: real worker processes, real origins."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cicada_cli.main import app
+
+
+def test_bench_coldstart_writes_the_documented_json(
+    checkpoints: Callable[..., Path], tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(checkpoints("gpt2"), models / "gpt2")  # the zoo name, a tiny checkpoint
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(app, [
+        "bench", "coldstart", "--model", "gpt2", "--origin", "file,http", "--bandwidth", "1gbit",
+        "--repeat", "1", "--variants", "naive,cicada", "--json", str(out),
+        "--models-dir", str(models), "--work-dir", str(tmp_path / "work"), "--seq-len", "8",
+    ])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [(r["model"], r["origin"]) for r in rows] == [("gpt2", "file"), ("gpt2", "http@1gbit")]
+    for row in rows:
+        assert row["bytes"] == (models / "gpt2" / "model.safetensors").stat().st_size
+        assert row["lower_bound_s"] > 0
+        assert set(row["variants"]) == {"naive", "cicada"}
+        for figures in row["variants"].values():
+            assert "errors" not in figures
+            assert figures["e2e_s"] > 0 and 0 < figures["ttfl_s"] <= figures["e2e_s"]
+            assert 0 <= figures["utilization"] <= 1
+            assert figures["peak_rss_bytes"] is None or figures["peak_rss_bytes"] > 0
+        assert row["outputs_identical"]
+    assert "| gpt2 | file |" in result.output
+
+    picture = tmp_path / "timeline.png"
+    drawn = CliRunner().invoke(app, ["bench", "plot", str(out), "--out", str(picture),
+                                     "--variants", "naive,cicada"])
+    assert drawn.exit_code == 0, drawn.output
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
