@@ -8,7 +8,7 @@ PACKAGES = -e shared -e services/weights -e services/loader -e services/schedule
            -e services/gateway -e cli
 STAMP = $(VENV)/.installed
 
-.PHONY: install test lint typecheck unit checkpoints bench up clean
+.PHONY: install test lint typecheck checkpoints bench coldstart clean
 
 install: $(STAMP)
 
@@ -39,3 +39,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-out
+
+# Write a random-weight GPT-2 (once) and cold-start it; prints the timeline summary.
+coldstart: install
+	test -f models/gpt2/config.json || $(BIN)/cicada checkpoints --models gpt2 --dir models
+	$(BIN)/cicada coldstart models/gpt2

@@ -63,8 +63,9 @@ def no_threads_left() -> bool:
 
 
 def load(model: Path | str, variant: str, tmp_path: Path, **kw: Any) -> None:
-    result = cold_start(model, variant=variant, cache_dir=tmp_path / "cache", reuse_cache=False,
-                        **kw)
+    result = cold_start(
+        model, variant=variant, cache_dir=tmp_path / "cache", reuse_cache=False, **kw
+    )
     raise AssertionError(f"loaded a broken checkpoint: {result.model.__class__.__name__}")
 
 
@@ -86,8 +87,10 @@ def header_too_long(header: dict[str, Any], data: bytes) -> bytes:
 
 def overlapping(header: dict[str, Any], data: bytes) -> bytes:
     wpe, wte = header["transformer.wpe.weight"], tensor_of(header, WTE)
-    wte["data_offsets"] = [wpe["data_offsets"][0] + 4, wpe["data_offsets"][0] + 4 + 
-                           wte["data_offsets"][1] - wte["data_offsets"][0]]
+    wte["data_offsets"] = [
+        wpe["data_offsets"][0] + 4,
+        wpe["data_offsets"][0] + 4 + wte["data_offsets"][1] - wte["data_offsets"][0],
+    ]
     return join(header, data)
 
 
@@ -134,8 +137,12 @@ CASES = [
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("edit", "error", "tensor"), CASES, ids=[c[0].__name__ for c in CASES])
 def test_broken_checkpoint(
-    edit: Callable[[dict[str, Any], bytes], bytes], error: type[CicadaError], tensor: str | None,
-    variant: str, checkpoints: Callable[..., Path], tmp_path: Path,
+    edit: Callable[[dict[str, Any], bytes], bytes],
+    error: type[CicadaError],
+    tensor: str | None,
+    variant: str,
+    checkpoints: Callable[..., Path],
+    tmp_path: Path,
 ) -> None:
     model = broken_copy(checkpoints("gpt2"), tmp_path / "broken", edit)
     with pytest.raises(error) as caught:
@@ -174,8 +181,9 @@ def _flaky_app(src: Path, *, stall: bool) -> web.Application:
         name = request.match_info["path"]
         if name != FILE:
             path = src / name
-            return web.Response(body=path.read_bytes()) if path.is_file() else web.Response(
-                status=404)
+            return (
+                web.Response(body=path.read_bytes()) if path.is_file() else web.Response(status=404)
+            )
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(len(data))})
         first, last = request.headers["Range"].removeprefix("bytes=").split("-")
@@ -183,7 +191,8 @@ def _flaky_app(src: Path, *, stall: bool) -> web.Application:
         if start > 0 and not stall:
             return web.Response(status=500, text="disk on fire")
         resp = web.StreamResponse(
-            status=206, headers={"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
+            status=206, headers={"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
+        )
         resp.content_length = end - start
         await resp.prepare(request)
         if start == 0:
@@ -200,8 +209,12 @@ def _flaky_app(src: Path, *, stall: bool) -> web.Application:
 @pytest.mark.parametrize("variant", ["cicada", "pisel"])
 @pytest.mark.parametrize(("stall", "error"), [(False, OriginError), (True, OriginTimeout)])
 def test_failing_origin(
-    stall: bool, error: type[Exception], variant: str, checkpoints: Callable[..., Path],
-    serve_app: Callable[[web.Application], str], tmp_path: Path,
+    stall: bool,
+    error: type[Exception],
+    variant: str,
+    checkpoints: Callable[..., Path],
+    serve_app: Callable[[web.Application], str],
+    tmp_path: Path,
 ) -> None:
     url = serve_app(_flaky_app(checkpoints("gpt2"), stall=stall))
     with Fetcher(tmp_path / "files", timeout_s=0.5, retries=1) as fetcher:

@@ -19,11 +19,31 @@ def test_bench_coldstart_writes_the_documented_json(
     models.mkdir()
     shutil.copytree(checkpoints("gpt2"), models / "gpt2")  # the zoo name, a tiny checkpoint
     out = tmp_path / "out.json"
-    result = CliRunner().invoke(app, [
-        "bench", "coldstart", "--model", "gpt2", "--origin", "file,http", "--bandwidth", "1gbit",
-        "--repeat", "1", "--variants", "naive,cicada", "--json", str(out),
-        "--models-dir", str(models), "--work-dir", str(tmp_path / "work"), "--seq-len", "8",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "coldstart",
+            "--model",
+            "gpt2",
+            "--origin",
+            "file,http",
+            "--bandwidth",
+            "1gbit",
+            "--repeat",
+            "1",
+            "--variants",
+            "naive,cicada",
+            "--json",
+            str(out),
+            "--models-dir",
+            str(models),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--seq-len",
+            "8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
     assert [(r["model"], r["origin"]) for r in rows] == [("gpt2", "file"), ("gpt2", "http@1gbit")]
@@ -40,7 +60,8 @@ def test_bench_coldstart_writes_the_documented_json(
     assert "| gpt2 | file |" in result.output
 
     picture = tmp_path / "timeline.png"
-    drawn = CliRunner().invoke(app, ["bench", "plot", str(out), "--out", str(picture),
-                                     "--variants", "naive,cicada"])
+    drawn = CliRunner().invoke(
+        app, ["bench", "plot", str(out), "--out", str(picture), "--variants", "naive,cicada"]
+    )
     assert drawn.exit_code == 0, drawn.output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -66,13 +66,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from cicada_loader import cold_start, prepare
     from cicada_loader.engine.arch import resolve
     from cicada_loader.engine.order import OrderBook
-    from cicada_weights.fetcher import CONFIG, json_object
+    from cicada_weights.checkpoint import read_checkpoint
     from cicada_weights.origins import open_origin
 
     orders = OrderBook(args.orders)
     prepare(args.uri, orders=orders)
     origin = open_origin(args.uri)
-    config = json_object(origin.read_file(CONFIG) or b"{}", CONFIG)
+    config = read_checkpoint(origin).config
     origin.close()
     inputs = resolve(config).sample_inputs(seq_len=args.seq_len)
     if args.cold:
@@ -109,20 +109,15 @@ def bound(args: argparse.Namespace) -> dict[str, Any]:
     from cicada_loader import cold_start
     from cicada_loader.engine.arch import flatten_outputs, resolve
     from cicada_loader.engine.order import OrderBook
-    from cicada_weights.fetcher import (
-        CONFIG,
-        INDEX,
-        Fetcher,
-        FetchOptions,
-        json_object,
-        shard_files,
-    )
+    from cicada_weights.checkpoint import read_checkpoint
+    from cicada_weights.fetcher import Fetcher, FetchOptions
     from cicada_weights.origins import open_origin
 
     origin = open_origin(args.uri)
-    files = shard_files(origin.read_file(INDEX))
-    config = json_object(origin.read_file(CONFIG) or b"{}", CONFIG)
-    sizes = {f: origin.size(f) for f in files}
+    ckpt = read_checkpoint(origin)
+    config = ckpt.config
+    sizes = {f: h.file_size for f, h in ckpt.headers.items()}
+    files = list(sizes)
     # 1. plain: each file start to end, one stream, into one reused buffer
     if args.cold:
         drop_page_cache(args.origin_dir)

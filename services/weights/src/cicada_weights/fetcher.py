@@ -30,14 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cicada_shared.errors import CheckpointError, HeaderError, LoadCancelled
-from cicada_weights.header import PREFIX_BYTES, Header, TensorEntry, header_length, parse_header
-from cicada_weights.origins import Origin, open_origin
+from cicada_shared.errors import CicadaError, LoadCancelled
+from cicada_weights.checkpoint import CONFIG, INDEX, read_checkpoint
+from cicada_weights.header import Header, TensorEntry
+from cicada_weights.origins import FileOrigin, Origin, open_origin
 from cicada_weights.plan import Piece, PlanOptions, plan_pieces
 
-CONFIG = "config.json"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 COMPLETE = ".complete"
 
 
@@ -304,34 +302,19 @@ class FetchHandle:
             self._fail(exc)
 
     def _prepare(self, origin: Origin) -> Manifest:
+        """Read the small files and headers; allocate each cache file at full size."""
         (self.cache_dir / COMPLETE).unlink(missing_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        raw_config = origin.read_file(CONFIG)
-        if raw_config is None:
-            raise CheckpointError("config.json not found", file=CONFIG)
-        config = json_object(raw_config, CONFIG)
-        (self.cache_dir / CONFIG).write_bytes(raw_config)
-        raw_index = origin.read_file(INDEX)
-        if raw_index is not None:
-            (self.cache_dir / INDEX).write_bytes(raw_index)
-        files = shard_files(raw_index)
-        headers = {f: self._open_shard(origin, f) for f in files}
-        if raw_index is not None:
-            _check_index(json_object(raw_index, INDEX)["weight_map"], headers)
-        return Manifest(self.uri, self.cache_dir, config, headers)
-
-    def _open_shard(self, origin: Origin, file: str) -> Header:
-        size = origin.size(file)
-        prefix = origin.read(file, 0, min(size, PREFIX_BYTES)) if size else b""
-        length = header_length(prefix, file=file, file_size=size)
-        if 8 + length > len(prefix):
-            prefix += origin.read(file, len(prefix), 8 + length - len(prefix))
-        header = parse_header(prefix[8 : 8 + length], file=file, file_size=size)
-        fd = os.open(self.cache_dir / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._fds[file] = fd
-        os.ftruncate(fd, size)
-        os.pwrite(fd, prefix[: 8 + length], 0)
-        return header
+        ckpt = read_checkpoint(origin)
+        (self.cache_dir / CONFIG).write_bytes(ckpt.raw_config)
+        if ckpt.raw_index is not None:
+            (self.cache_dir / INDEX).write_bytes(ckpt.raw_index)
+        for file, header in ckpt.headers.items():
+            fd = os.open(self.cache_dir / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[file] = fd
+            os.ftruncate(fd, header.file_size)
+            os.pwrite(fd, ckpt.prefixes[file], 0)
+        return Manifest(self.uri, self.cache_dir, ckpt.config, ckpt.headers)
 
     def _schedule(self, pieces: list[Piece]) -> None:
         tasks: list[_RangeTask] = []
@@ -410,23 +393,24 @@ class FetchHandle:
     # -- cache reuse ---------------------------------------------------------------------
 
     def _reuse(self) -> Manifest | None:
+        """The cached copy, if a complete one of this URI with the right sizes is there."""
         try:
             marker = json.loads((self.cache_dir / COMPLETE).read_text())
-            config = json_object((self.cache_dir / CONFIG).read_bytes(), CONFIG)
-        except (OSError, ValueError, CheckpointError):
+        except (OSError, ValueError):
             return None
-        headers: dict[str, Header] = {}
-        for file, size in marker.get("files", {}).items():
-            path = self.cache_dir / file
-            if marker.get("uri") != self.uri or not path.is_file() or path.stat().st_size != size:
+        sizes = marker.get("files", {})
+        if marker.get("uri") != self.uri or not sizes:
+            return None
+        cached = FileOrigin(self.cache_dir)
+        try:
+            ckpt = read_checkpoint(cached)
+            if {f: h.file_size for f, h in ckpt.headers.items()} != sizes:
                 return None
-            with path.open("rb") as f:
-                prefix = f.read(PREFIX_BYTES)
-                length = header_length(prefix, file=file, file_size=size)
-                if 8 + length > len(prefix):
-                    prefix += f.read(8 + length - len(prefix))
-            headers[file] = parse_header(prefix[8 : 8 + length], file=file, file_size=size)
-        return Manifest(self.uri, self.cache_dir, config, headers) if headers else None
+        except (OSError, CicadaError):
+            return None
+        finally:
+            cached.close()
+        return Manifest(self.uri, self.cache_dir, ckpt.config, ckpt.headers)
 
     def _announce_cached(self, manifest: Manifest) -> None:
         self.manifest = manifest
@@ -467,39 +451,3 @@ class FetchHandle:
     def _emit(self, event: FetchEvent) -> None:
         with contextlib.suppress(Exception):
             self.listener(event)
-
-
-def shard_files(raw_index: bytes | None) -> list[str]:
-    """The safetensors files of a checkpoint: from its index, or the single default file."""
-    if raw_index is None:
-        return [SINGLE]
-    weight_map = json_object(raw_index, INDEX).get("weight_map")
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise HeaderError("weight_map must map tensor names to file names", file=INDEX)
-    files = sorted(set(weight_map.values()))
-    for f in files:
-        if "/" in f or "\\" in f or f in ("", ".", "..") or not f.endswith(".safetensors"):
-            raise HeaderError(f"shard name {f!r} is not a plain .safetensors file name", file=INDEX)
-    return files
-
-
-def _check_index(weight_map: dict[str, str], headers: dict[str, Header]) -> None:
-    for tensor, file in weight_map.items():
-        if tensor not in headers[file].tensors:
-            raise HeaderError(
-                f"index places tensor {tensor!r} in {file}, which lacks it",
-                file=INDEX,
-                tensor=tensor,
-            )
-
-
-def json_object(raw: bytes, file: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"not valid JSON: {exc}", file=file) from exc
-    if not isinstance(doc, dict):
-        raise HeaderError("not a JSON object", file=file)
-    return doc

@@ -19,10 +19,10 @@ import torch
 
 from cicada_loader.engine.arch import resolve
 from cicada_loader.engine.naive import naive_cold_start
-from cicada_loader.engine.order import ExecOrder, OrderBook
+from cicada_loader.engine.order import ExecOrder, OrderBook, dry_run
 from cicada_loader.engine.pipeline import VARIANTS, ColdStart, PipelinedColdStart, Variant
-from cicada_shared.errors import CheckpointError
-from cicada_weights.fetcher import CONFIG, Fetcher, json_object
+from cicada_weights.checkpoint import read_checkpoint
+from cicada_weights.fetcher import Fetcher
 from cicada_weights.origins import open_origin
 from cicada_weights.plan import PlanOptions
 
@@ -95,16 +95,17 @@ def prepare(
 ) -> ExecOrder:
     """Find and remember ``model``'s execution order (a meta-device dry run, once per config).
 
-    Also imports the model's code, so the first cold start does not pay for it.
+    Also warms the model's code — imports, first construction, first forward, all on the meta
+    device — as a loader that has served this architecture before would be warm.
     """
-    uri = os.fspath(model)
-    origin = open_origin(uri)
+    origin = open_origin(os.fspath(model))
     try:
-        raw = origin.read_file(CONFIG)
+        ckpt = read_checkpoint(origin)
     finally:
         origin.close()
-    if raw is None:
-        raise CheckpointError("config.json not found", file=CONFIG)
-    config = json_object(raw, CONFIG)
     book = orders or OrderBook((cache_dir or default_cache_dir()) / "orders")
-    return book.get(resolve(config), config)
+    arch = resolve(ckpt.config)
+    order = book.get(arch, ckpt.config)
+    dry_run(arch)  # a remembered order skips the dry run; run it anyway, to warm the code
+    book.renamed(arch, ckpt.config, [k for h in ckpt.headers.values() for k in h.tensors])
+    return order

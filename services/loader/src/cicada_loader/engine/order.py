@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ class OrderBook:
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = directory
         self._memo: dict[str, ExecOrder] = {}
+        self._renamed: dict[tuple[str, str], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def get(self, arch: Architecture, config: dict[str, Any]) -> ExecOrder:
@@ -113,6 +115,26 @@ class OrderBook:
                     self._store(key, order)
                 self._memo[key] = order
             return self._memo[key]
+
+    def renamed(
+        self, arch: Architecture, config: dict[str, Any], keys: Iterable[str]
+    ) -> dict[str, str]:
+        """Checkpoint key → model name (``Architecture.rename_table``), remembered in memory."""
+        names = list(keys)
+        memo = (config_key(config), hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest())
+        with self._lock:
+            if memo not in self._renamed:
+                self._renamed[memo] = arch.rename_table(arch.build_meta(), names)
+            return self._renamed[memo]
+
+    def checkpoint_order(
+        self, arch: Architecture, config: dict[str, Any], keys: Iterable[str]
+    ) -> list[list[str]]:
+        """The fetch order for a checkpoint with ``keys``: groups of keys, unit by unit."""
+        names = list(keys)
+        return self.get(arch, config).checkpoint_order(
+            self.renamed(arch, config, names), arch.prefix
+        )
 
     def _path(self, key: str) -> Path | None:
         return self.directory / f"{key}.json" if self.directory else None

@@ -31,7 +31,7 @@ from transformers.initialization import guard_torch_init_functions
 
 from cicada_loader.engine.apply import Applier, CacheViews, Mode
 from cicada_loader.engine.arch import Architecture, flatten_outputs, resolve
-from cicada_loader.engine.order import ExecOrder, OrderBook
+from cicada_loader.engine.order import OrderBook
 from cicada_loader.engine.skeleton import Skeleton, Slot, Unit
 from cicada_loader.engine.staging import PinnedStaging
 from cicada_loader.engine.timeline import Timeline, UnitTimes
@@ -169,7 +169,10 @@ class PipelinedColdStart:
         arch = resolve(manifest.config)
         model = arch.skeleton(self.device)
         order = self.orders.get(arch, manifest.config)
-        skeleton = Skeleton(arch, model, manifest.tensors, order.unit_names(), manifest.file_of)
+        renamed = self.orders.renamed(arch, manifest.config, manifest.tensors)
+        skeleton = Skeleton(
+            arch, model, manifest.tensors, order.unit_names(), manifest.file_of, renamed
+        )
         arch.init_uncovered(model, skeleton.covered)
         self.skeleton = skeleton
         end = time.perf_counter()
@@ -219,9 +222,7 @@ class PipelinedColdStart:
 
     def _checkpoint_order(self, manifest: Manifest) -> list[list[str]]:
         arch = resolve(manifest.config)
-        order: ExecOrder = self.orders.get(arch, manifest.config)
-        meta = arch.build_meta()  # only to learn the checkpoint's key renamings
-        return order.checkpoint_order(arch.rename_table(meta, manifest.tensors), arch.prefix)
+        return self.orders.checkpoint_order(arch, manifest.config, manifest.tensors)
 
     def _await_manifest(self) -> Manifest:
         deadline = time.monotonic() + self.timeout_s

@@ -83,12 +83,13 @@ class Skeleton:
         tensors: dict[str, TensorEntry],
         unit_order: list[str],
         file_of: dict[str, str],
+        renamed: dict[str, str] | None = None,
     ) -> None:
         self.model = model
         groups = tensor_groups(model)
         match = match_keys(
             [names for names, _ in groups],
-            arch.rename_table(model, tensors),
+            renamed if renamed is not None else arch.rename_table(model, tensors),
             prefix=arch.prefix,
             ignore_missing=list(getattr(model, "_keys_to_ignore_on_load_missing", None) or ()),
             ignore_unexpected=list(
