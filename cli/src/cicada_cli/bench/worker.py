@@ -63,7 +63,7 @@ def digest(outputs: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from cicada_loader import cold_start, prepare
+    from cicada_loader import VARIANTS, cold_start, prepare
     from cicada_loader.engine.arch import resolve
     from cicada_loader.engine.order import OrderBook
     from cicada_weights.checkpoint import read_checkpoint
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_bytes": peak if peak_ok else None,
         "rss_growth_bytes": peak - rss0 if peak_ok else None,
         "digest": digest(result.outputs),
+        "apply": "views" if VARIANTS[args.variant].decoupler else "copies",
         "timeline": result.timeline.to_json(),
     }
     del result

@@ -33,6 +33,8 @@ class PinnedStaging:
             src = src.to(dst.dtype)
         src_bytes = src.contiguous().reshape(-1).view(torch.uint8)
         dst_bytes = dst.reshape(-1).view(torch.uint8)
+        # anything queued on the default stream for dst (a baseline's init) must come first
+        self.stream.wait_stream(torch.cuda.default_stream(self.device))
         for lo in range(0, src_bytes.numel(), self.slot_bytes):
             hi = min(src_bytes.numel(), lo + self.slot_bytes)
             i = self._next
