@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,48 @@ ModelsDir = Annotated[Path, typer.Option("--dir", help="Directory holding one fo
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def up(
+    loaders: Annotated[int, typer.Option(min=1, help="Loader processes.")] = 1,
+    port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
+    models_dir: Annotated[Path, typer.Option(help="Models registered at start.")] = Path("models"),
+    demo: Annotated[bool, typer.Option(help="Write a tiny GPT-2 'demo' model if missing.")] = True,
+    logs: Annotated[Path | None, typer.Option(help="Write each service's log here.")] = None,
+) -> None:
+    """Start scheduler, weights, loader(s) and gateway as local processes (Ctrl-C stops all).
+
+    RabbitMQ comes from CICADA_AMQP_URL (default amqp://guest:guest@localhost:5672/).
+    """
+    from cicada_cli.up import BrokerUnreachable, Mesh, check_broker
+
+    url = os.environ.get("CICADA_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+    try:
+        check_broker(url)
+    except BrokerUnreachable as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc
+    if demo and not (models_dir / "demo" / "config.json").exists():
+        from cicada_loader.engine.zoo import write_checkpoint
+
+        write_checkpoint("gpt2", models_dir / "demo", tiny=True)
+        console.print(f"wrote the demo model (tiny random GPT-2) to {models_dir / 'demo'}")
+    mesh = Mesh(
+        loaders=loaders,
+        port=port,
+        log_dir=logs,
+        env={"CICADA_MODELS_DIR": str(models_dir.resolve())},
+    )
+    mesh.start()
+    try:
+        mesh.wait_ready()
+    except (TimeoutError, RuntimeError) as exc:
+        console.print(f"[red]{exc}[/]")
+        mesh.stop()
+        raise typer.Exit(1) from exc
+    console.print(f"[green]Cicada mesh is up[/]: {mesh.url}  ({loaders} loader(s); Ctrl-C stops)")
+    raise typer.Exit(mesh.wait())
 
 
 @app.command()

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cicada_shared.errors import CicadaError, LoadCancelled
 from cicada_weights.checkpoint import CONFIG, INDEX, read_checkpoint
@@ -93,6 +93,29 @@ FetchEvent = ManifestReady | PieceLanded | FetchDone | FetchFailed
 Listener = Callable[[FetchEvent], None]
 Order = Sequence[Sequence[str]]
 OrderSource = Order | Callable[[Manifest], Order] | None
+
+
+class FetchControl(Protocol):
+    """What a cold start needs of a fetch in flight."""
+
+    def cancel(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> bool: ...
+
+
+class FetchSource(Protocol):
+    """Something that fetches checkpoints: a ``Fetcher`` here, or the weights service of the
+    node, reached over RabbitMQ."""
+
+    def fetch(
+        self,
+        uri: str,
+        listener: Listener,
+        *,
+        order: OrderSource = None,
+        options: FetchOptions = ...,
+        key: str | None = None,
+    ) -> FetchControl: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +333,9 @@ class FetchHandle:
         if ckpt.raw_index is not None:
             (self.cache_dir / INDEX).write_bytes(ckpt.raw_index)
         for file, header in ckpt.headers.items():
-            fd = os.open(self.cache_dir / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            # a fresh inode: a loader may still map the old file, and must keep seeing it
+            (self.cache_dir / file).unlink(missing_ok=True)
+            fd = os.open(self.cache_dir / file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds[file] = fd
             os.ftruncate(fd, header.file_size)
             os.pwrite(fd, ckpt.prefixes[file], 0)

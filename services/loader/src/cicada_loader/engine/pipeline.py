@@ -37,12 +37,12 @@ from cicada_loader.engine.staging import PinnedStaging
 from cicada_loader.engine.timeline import Timeline, UnitTimes
 from cicada_shared.errors import LoadTimeout
 from cicada_weights.fetcher import (
+    FetchControl,
     FetchDone,
-    Fetcher,
     FetchEvent,
     FetchFailed,
-    FetchHandle,
     FetchOptions,
+    FetchSource,
     Manifest,
     ManifestReady,
     PieceLanded,
@@ -103,7 +103,7 @@ class PipelinedColdStart:
         variant: Variant,
         *,
         device: torch.device,
-        fetcher: Fetcher,
+        fetcher: FetchSource,
         orders: OrderBook,
         timeout_s: float,
         reuse_cache: bool,
@@ -126,7 +126,7 @@ class PipelinedColdStart:
         self.skeleton: Skeleton | None = None
         self._ready = threading.Event()  # the skeleton exists
         self._built = threading.Condition()
-        self._handle: FetchHandle | None = None
+        self._handle: FetchControl | None = None
         self._workers: list[threading.Thread] = []
 
     # -- the caller's thread: skeleton, then the forward pass -----------------------------

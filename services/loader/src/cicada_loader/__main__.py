@@ -1,0 +1,22 @@
+"""``python -m cicada_loader``: one loader."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from cicada_loader.service import LoaderService, LoaderSettings
+from cicada_shared.logs import configure_logging
+from cicada_shared.service import serve
+
+
+def main() -> None:
+    settings = LoaderSettings()
+    configure_logging(
+        f"loader {settings.loader_id}", level=settings.log_level, json=settings.log_json
+    )
+    sys.exit(asyncio.run(serve(LoaderService(settings), "loader")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""The loader service: runs jobs, cold-starting models through the engine, keeping them warm.
+
+Queues (all its own, removed with it):
+
+- ``<ns>.loader.<id>``: ``RunJob``, prefetch = slots; a job is acked when its result is out.
+- ``<ns>.loader.<id>.control``: ``PrepareModel``, ``CancelJob``.
+- ``<ns>.loader.<id>.events``: the weights service's announcements for our cold starts.
+
+Torch work runs in threads, so heartbeats (``LoaderStatus``, every ``loader_heartbeat_s``)
+keep flowing while a model loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import Field
+from torch import nn
+
+from cicada_loader.engine.arch import Architecture, flatten_outputs, resolve
+from cicada_loader.engine.describe import describe
+from cicada_loader.engine.order import OrderBook
+from cicada_loader.engine.pipeline import VARIANTS, PipelinedColdStart
+from cicada_loader.remote import Announcements, RemoteFetch
+from cicada_loader.tensors import DATATYPE_OF, InvalidInput, from_torch, to_torch
+from cicada_shared.bus import Bus
+from cicada_shared.contracts import (
+    CancelJob,
+    ErrorInfo,
+    FetchCancel,
+    FetchFailedNotice,
+    FetchFinished,
+    JobProgress,
+    JobResult,
+    JobState,
+    LoaderStatus,
+    ManifestAnnounced,
+    Message,
+    ModelPrepared,
+    PieceAnnounced,
+    PrepareModel,
+    RunJob,
+    TensorSpec,
+)
+from cicada_shared.errors import CicadaError
+from cicada_shared.service import InFlight
+from cicada_shared.settings import MeshSettings
+from cicada_weights.checkpoint import read_checkpoint
+from cicada_weights.origins import open_origin
+
+log = structlog.get_logger("cicada.loader")
+
+#: Optional text inputs a model may take besides its main input, when its forward has them.
+TEXT_EXTRAS = ("attention_mask", "token_type_ids", "position_ids")
+
+
+def _loader_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class LoaderSettings(MeshSettings):
+    loader_id: str = Field(default_factory=_loader_id, description="Unique name of this loader.")
+    loader_slots: int = Field(1, description="Jobs run at once.")
+    loader_heartbeat_s: float = Field(1.0, description="Seconds between status reports.")
+    loader_device: str = Field("cpu", description="cpu or cuda[:n].")
+    loader_timeout_s: float = Field(600.0, description="Longest a cold start may wait.")
+    loader_switch_interval_s: float = Field(
+        0.0005, description="Python's GIL switch interval: fetch threads get it back quickly."
+    )
+
+
+@dataclass(eq=False)
+class Resident:
+    """A model loaded and ready for the next request."""
+
+    model: nn.Module
+    arch: Architecture
+    uri: str
+    loaded_at: float
+    last_used: float
+
+
+class LoaderService:
+    def __init__(self, settings: LoaderSettings) -> None:
+        self.settings = settings
+        self.id = settings.loader_id
+        self.names = settings.names
+        self.bus = Bus(settings.amqp_url, settings.names, client=f"loader {self.id}")
+        self.orders = OrderBook(settings.cache_dir / "orders")
+        self.announcements = Announcements()
+        self.resident: dict[str, Resident] = {}
+        self.busy = 0
+        self.cancelled: set[str] = set()
+        self.inflight = InFlight()
+        self.device = torch.device(settings.loader_device)
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        sys.setswitchinterval(self.settings.loader_switch_interval_s)
+        await self.bus.connect()
+        topo = self.bus.topology
+        jobs = await topo.queue(
+            await self.bus.open_channel(prefetch=self.settings.loader_slots),
+            self.names.loader_queue(self.id),
+            exclusive=True,
+            priority=True,
+        )
+        control = await topo.queue(
+            await self.bus.open_channel(prefetch=4),
+            self.names.loader_queue(self.id) + ".control",
+            exclusive=True,
+        )
+        events = await topo.queue(
+            await self.bus.open_channel(prefetch=1000),
+            self.names.loader_events(self.id),
+            exclusive=True,
+        )
+        await self.bus.consume(events, self.on_announcement)
+        await self.bus.consume(control, self.on_control)
+        await self.bus.consume(jobs, self.on_job)
+        self._heartbeat = asyncio.create_task(self._beat())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self.bus.stop_consuming()
+        if not await self.inflight.drain(self.settings.drain_s):
+            log.warning("drain_timeout", running=self.inflight.count)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        with contextlib.suppress(Exception):
+            await self._status()
+        await self.bus.close()
+
+    async def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self._status()
+            await asyncio.sleep(self.settings.loader_heartbeat_s)
+
+    async def _status(self) -> None:
+        status = LoaderStatus(
+            loader_id=self.id,
+            node=self.settings.node,
+            resident=sorted(self.resident),
+            slots=self.settings.loader_slots,
+            busy=self.busy,
+            at=time.time(),
+            stopping=self._stopping,
+        )
+        await self.bus.publish(status, self.names.scheduler_inbox)
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def on_announcement(self, message: Message, _: AbstractIncomingMessage) -> None:
+        if isinstance(
+            message, ManifestAnnounced | PieceAnnounced | FetchFinished | FetchFailedNotice
+        ):
+            self.announcements.deliver(message)
+
+    async def on_control(self, message: Message, incoming: AbstractIncomingMessage) -> None:
+        if isinstance(message, PrepareModel):
+            await self.bus.publish(await self.prepare(message), self.names.scheduler_inbox)
+        elif isinstance(message, CancelJob):
+            self.cancelled.add(message.job_id)
+
+    async def on_job(self, message: Message, _: AbstractIncomingMessage) -> None:
+        if not isinstance(message, RunJob):
+            log.warning("unexpected_message", kind=message.kind)
+            return
+        async with self.inflight.track():
+            self.busy += 1
+            try:
+                result = await self.run(message)
+            finally:
+                self.busy -= 1
+            if message.reply_to:
+                await self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)
+            await self.bus.publish(result, self.names.scheduler_inbox)
+            await self._status()
+
+    # -- work ----------------------------------------------------------------------------
+
+    async def run(self, request: RunJob) -> JobResult:
+        job = request.job
+        started = time.time()
+        bound = structlog.get_logger("cicada.loader").bind(job_id=job.job_id, model=job.model)
+        base: dict[str, Any] = {
+            "job_id": job.job_id,
+            "model": job.model,
+            "loader_id": self.id,
+            "queue_s": max(0.0, started - job.submitted_at),
+        }
+        if job.job_id in self.cancelled:
+            self.cancelled.discard(job.job_id)
+            return JobResult(state="cancelled", **base)
+        try:
+            inputs = {t.name: to_torch(t) for t in job.inputs}
+            resident = self.resident.get(job.model)
+            if resident is None:
+                await self._progress(job.job_id, "loading")
+                outputs, timeline = await self._cold(request, inputs)
+                compute_s = timeline.get("exec_busy_s")
+            else:
+                await self._progress(job.job_id, "running")
+                outputs, compute_s = await asyncio.to_thread(self._warm, resident, inputs)
+                timeline = {}
+            chosen = select(outputs, job.outputs)
+            result = JobResult(
+                state="succeeded",
+                outputs=[from_torch(k, v) for k, v in chosen.items()],
+                cold=resident is None,
+                timeline=timeline,
+                compute_s=compute_s,
+                **base,
+            )
+        except Exception as exc:
+            error = (
+                ErrorInfo.of(exc)
+                if isinstance(exc, CicadaError)
+                else ErrorInfo(kind="InvalidInput", message=f"{type(exc).__name__}: {exc}")
+            )
+            bound.warning("job_failed", error=error.message, kind=error.kind)
+            return JobResult(state="failed", error=error, **base)
+        bound.info(
+            "job_done",
+            cold=result.cold,
+            seconds=round(time.time() - started, 4),
+            **{k: round(v, 4) for k, v in timeline.items() if isinstance(v, float)},
+        )
+        return result
+
+    async def _cold(
+        self, request: RunJob, inputs: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if request.fetch_id is None:
+            raise CicadaError(
+                f"model {request.job.model!r} is not resident here and no fetch was started for it"
+            )
+        loop = asyncio.get_running_loop()
+        fetch_id = request.fetch_id
+
+        def cancel() -> None:
+            loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(
+                    self.bus.publish(
+                        FetchCancel(fetch_id=fetch_id), self.names.weights_queue(self.settings.node)
+                    )
+                )
+            )
+
+        def subscribe(fn: Callable[[], None]) -> None:
+            loop.call_soon_threadsafe(fn)
+
+        remote = RemoteFetch(self.announcements, fetch_id, subscribe=subscribe, cancel=cancel)
+        run = PipelinedColdStart(
+            request.uri,
+            inputs,
+            VARIANTS["cicada"],
+            device=self.device,
+            fetcher=remote,
+            orders=self.orders,
+            timeout_s=self.settings.loader_timeout_s,
+            reuse_cache=True,
+            priority=request.job.priority,
+        )
+        try:
+            result = await asyncio.to_thread(run.run)
+        finally:
+            self.announcements.unsubscribe(fetch_id)
+        now = time.time()
+        self.resident[request.job.model] = Resident(
+            result.model, result.arch, request.uri, now, now
+        )
+        return result.outputs, result.timeline.summary()
+
+    def _warm(
+        self, resident: Resident, inputs: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        resident.last_used = time.time()
+        args = {k: v.to(self.device) for k, v in inputs.items()}
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = flatten_outputs(resident.model(**args))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out, time.perf_counter() - start
+
+    async def _progress(self, job_id: str, state: JobState) -> None:
+        with contextlib.suppress(Exception):
+            await self.bus.publish(
+                JobProgress(job_id=job_id, state=state, loader_id=self.id),
+                self.names.scheduler_inbox,
+            )
+
+    async def prepare(self, request: PrepareModel) -> ModelPrepared:
+        """Execution order and metadata of a model, from its config and headers only."""
+        try:
+            return await asyncio.to_thread(self._prepare, request)
+        except Exception as exc:
+            return ModelPrepared(model=request.model, error=ErrorInfo.of(exc))
+
+    def _prepare(self, request: PrepareModel) -> ModelPrepared:
+        origin = open_origin(request.uri)
+        try:
+            ckpt = read_checkpoint(origin)
+        finally:
+            origin.close()
+        arch = resolve(ckpt.config)
+        keys = [k for h in ckpt.headers.values() for k in h.tensors]
+        order = self.orders.checkpoint_order(arch, ckpt.config, keys)
+        inputs, outputs = describe(arch)
+        accepted = inspect.signature(arch.build_meta().forward).parameters
+        extras = [
+            (n, inputs[0][1], inputs[0][2])
+            for n in TEXT_EXTRAS
+            if n in accepted and arch.main_input == "input_ids"
+        ]
+        return ModelPrepared(
+            model=request.model,
+            order=order,
+            inputs=[spec(*s) for s in inputs + extras],
+            outputs=[spec(*s) for s in outputs],
+        )
+
+
+def spec(name: str, dtype: torch.dtype, shape: list[int]) -> TensorSpec:
+    return TensorSpec(name=name, datatype=DATATYPE_OF[dtype], shape=shape)
+
+
+def select(outputs: dict[str, torch.Tensor], wanted: list[str] | None) -> dict[str, torch.Tensor]:
+    if not wanted:
+        return outputs
+    unknown = [n for n in wanted if n not in outputs]
+    if unknown:
+        raise InvalidInput(f"unknown output(s) {unknown}; the model returns {sorted(outputs)}")
+    return {n: outputs[n] for n in wanted}

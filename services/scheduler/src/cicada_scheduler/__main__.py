@@ -1,0 +1,20 @@
+"""``python -m cicada_scheduler``: the mesh's scheduler (one per mesh)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from cicada_scheduler.service import SchedulerService, SchedulerSettings
+from cicada_shared.logs import configure_logging
+from cicada_shared.service import serve
+
+
+def main() -> None:
+    settings = SchedulerSettings()
+    configure_logging("scheduler", level=settings.log_level, json=settings.log_json)
+    sys.exit(asyncio.run(serve(SchedulerService(settings), "scheduler")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Every message the services exchange, in one place.
+
+Each message is a frozen pydantic model with a literal ``kind`` and a version ``v``; all of
+them decode through one discriminated union (``Message``). On the wire a message is msgpack
+with content type ``application/msgpack``; tensors travel as raw little-endian bytes.
+
+To submit a job from any AMQP client, publish an ``InferJob`` to the ``cicada.jobs``
+exchange with routing key ``job`` and read the ``JobResult`` from your ``reply_to`` queue
+(matched by ``correlation_id``). See the README for an example.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from cicada_shared.errors import CicadaError
+
+CONTENT_TYPE = "application/msgpack"
+VERSION = 1
+
+#: Open Inference Protocol datatypes we carry, with their size in bytes.
+DATATYPES: dict[str, int] = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "BF16": 2,
+    "FP32": 4,
+    "FP64": 8,
+}
+Datatype = Literal[
+    "BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"
+]
+
+#: Job priorities: 0 (background) … 9 (most urgent); the AMQP priority of the job message.
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 0
+
+JobState = Literal["queued", "fetching", "loading", "running", "succeeded", "failed", "cancelled"]
+ModelState = Literal["preparing", "ready", "loading", "resident", "failed"]
+
+
+class Contract(BaseModel):
+    """Base of every message: immutable, strict about unknown fields, versioned."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: int = Field(VERSION, description="Contract version; bumped on breaking changes.")
+
+
+class Tensor(BaseModel):
+    """A named tensor: raw little-endian bytes in C order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Input or output name, e.g. 'input_ids' or 'logits'.")
+    datatype: Datatype = Field(description="Open Inference Protocol datatype.")
+    shape: list[int] = Field(description="Dimensions, outermost first.")
+    data: bytes = Field(description="prod(shape) × itemsize bytes, little-endian, C order.")
+
+
+class ErrorInfo(BaseModel):
+    """Why something failed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str = Field(description="Error class, e.g. 'MissingTensors', 'UnknownModel'.")
+    message: str = Field(description="Human-readable reason, naming file and tensor if any.")
+
+    @classmethod
+    def of(cls, error: BaseException) -> ErrorInfo:
+        kind = error.kind if isinstance(error, CicadaError) else type(error).__name__
+        return cls(kind=kind, message=str(error) or kind)
+
+
+class TensorSpec(BaseModel):
+    """An input or output as model metadata describes it (-1: any size)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    datatype: Datatype
+    shape: list[int]
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+class InferJob(Contract):
+    """A request to run a model. Published by the gateway or by any AMQP client."""
+
+    kind: Literal["infer_job"] = "infer_job"
+    job_id: str = Field(description="Unique id, chosen by the submitter (also correlation_id).")
+    model: str = Field(description="Registered model name.")
+    inputs: list[Tensor] = Field(description="Forward arguments by name.")
+    outputs: list[str] | None = Field(None, description="Outputs to return; None: all.")
+    priority: int = Field(
+        PRIORITY_DEFAULT,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="0 (background) … 9 (most urgent).",
+    )
+    submitted_at: float = Field(description="Wall-clock time the job entered the system.")
+    deadline_s: float | None = Field(None, description="Fail the job if not done by then.")
+
+
+class RunJob(Contract):
+    """Scheduler → loader: run this job; on a cold start the weights are already coming."""
+
+    kind: Literal["run_job"] = "run_job"
+    job: InferJob
+    uri: str = Field(description="Where the model's checkpoint lives.")
+    fetch_id: str | None = Field(None, description="The fetch feeding this cold start.")
+    reply_to: str | None = Field(None, description="Queue for the JobResult, if any.")
+
+
+class JobResult(Contract):
+    """The outcome of a job: to its ``reply_to`` and to the scheduler."""
+
+    kind: Literal["job_result"] = "job_result"
+    job_id: str
+    model: str
+    state: Literal["succeeded", "failed", "cancelled"]
+    outputs: list[Tensor] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    cold: bool = Field(False, description="True when the model was loaded for this job.")
+    timeline: dict[str, Any] = Field(
+        default_factory=dict, description="e2e_s, ttfl_s, utilization … of the cold start"
+    )
+    loader_id: str | None = None
+    queue_s: float | None = Field(None, description="Time from submission to dispatch.")
+    compute_s: float | None = Field(None, description="Time in the forward pass.")
+
+
+class JobProgress(Contract):
+    """Loader → scheduler: a running job changed state."""
+
+    kind: Literal["job_progress"] = "job_progress"
+    job_id: str
+    state: JobState
+    loader_id: str
+
+
+class CancelJob(Contract):
+    """Scheduler → loader: stop this job if it is still running."""
+
+    kind: Literal["cancel_job"] = "cancel_job"
+    job_id: str
+
+
+# -- weights ---------------------------------------------------------------------------------
+
+
+class FetchRequest(Contract):
+    """Scheduler → weights: fetch a checkpoint into this node's cache, in this order."""
+
+    kind: Literal["fetch_request"] = "fetch_request"
+    fetch_id: str
+    model: str
+    uri: str
+    order: list[list[str]] = Field(
+        default_factory=list, description="Checkpoint keys grouped by unit, execution order."
+    )
+    priority: int = Field(PRIORITY_DEFAULT, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    announce_to: str = Field(description="Routing key on the events exchange for announcements.")
+
+
+class FetchCancel(Contract):
+    kind: Literal["fetch_cancel"] = "fetch_cancel"
+    fetch_id: str
+
+
+class ManifestAnnounced(Contract):
+    """Weights → loader: the cache files exist (at full size, header written)."""
+
+    kind: Literal["manifest_announced"] = "manifest_announced"
+    fetch_id: str
+    cache_dir: str = Field(description="Node-local directory holding the checkpoint's files.")
+    at: float = Field(description="Wall-clock time.")
+
+
+class PieceAnnounced(Contract):
+    """Weights → loader: these tensors' bytes are in the cache file."""
+
+    kind: Literal["piece_announced"] = "piece_announced"
+    fetch_id: str
+    index: int
+    file: str
+    tensors: list[str]
+    ranges: list[tuple[int, int]] = Field(description="Absolute byte ranges written.")
+    started: float = Field(description="Wall-clock time the first range was requested.")
+    landed: float = Field(description="Wall-clock time the last range landed.")
+
+
+class FetchFinished(Contract):
+    kind: Literal["fetch_finished"] = "fetch_finished"
+    fetch_id: str
+    nbytes: int
+    at: float
+
+
+class FetchFailedNotice(Contract):
+    kind: Literal["fetch_failed"] = "fetch_failed"
+    fetch_id: str
+    error: ErrorInfo
+    at: float
+
+
+# -- loaders and models ----------------------------------------------------------------------
+
+
+class LoaderStatus(Contract):
+    """Loader → scheduler, every heartbeat: what it holds and how busy it is."""
+
+    kind: Literal["loader_status"] = "loader_status"
+    loader_id: str
+    node: str
+    resident: list[str] = Field(description="Models loaded and ready.")
+    slots: int = Field(description="Jobs it can run at once.")
+    busy: int = Field(description="Jobs it is running.")
+    at: float
+    stopping: bool = False
+
+
+class PrepareModel(Contract):
+    """Scheduler → a loader: learn a model's execution order and metadata (no weights)."""
+
+    kind: Literal["prepare_model"] = "prepare_model"
+    model: str
+    uri: str
+
+
+class ModelPrepared(Contract):
+    kind: Literal["model_prepared"] = "model_prepared"
+    model: str
+    order: list[list[str]] = Field(default_factory=list)
+    inputs: list[TensorSpec] = Field(default_factory=list)
+    outputs: list[TensorSpec] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+
+
+# -- requests to the scheduler (RPC) ---------------------------------------------------------
+
+
+class RegisterModel(Contract):
+    kind: Literal["register_model"] = "register_model"
+    model: str
+    uri: str
+
+
+class UnregisterModel(Contract):
+    kind: Literal["unregister_model"] = "unregister_model"
+    model: str
+
+
+class GetModel(Contract):
+    kind: Literal["get_model"] = "get_model"
+    model: str
+
+
+class ListModels(Contract):
+    kind: Literal["list_models"] = "list_models"
+
+
+class GetJob(Contract):
+    kind: Literal["get_job"] = "get_job"
+    job_id: str
+
+
+class CancelRequest(Contract):
+    kind: Literal["cancel_request"] = "cancel_request"
+    job_id: str
+
+
+class Health(Contract):
+    kind: Literal["health"] = "health"
+
+
+class Reply(Contract):
+    """Scheduler → requester: the answer to an RPC request."""
+
+    kind: Literal["reply"] = "reply"
+    ok: bool
+    error: ErrorInfo | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+Message = Annotated[
+    InferJob
+    | RunJob
+    | JobResult
+    | JobProgress
+    | CancelJob
+    | FetchRequest
+    | FetchCancel
+    | ManifestAnnounced
+    | PieceAnnounced
+    | FetchFinished
+    | FetchFailedNotice
+    | LoaderStatus
+    | PrepareModel
+    | ModelPrepared
+    | RegisterModel
+    | UnregisterModel
+    | GetModel
+    | ListModels
+    | GetJob
+    | CancelRequest
+    | Health
+    | Reply,
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def encode(message: Contract) -> bytes:
+    """The wire form of ``message``."""
+    return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
+
+
+def decode(body: bytes) -> Message:
+    """Parse a wire message; raises ``ValueError`` (a ``pydantic.ValidationError`` or a msgpack
+    error) when it is not one of ours."""
+    try:
+        doc = msgpack.unpackb(body, raw=False)
+    except Exception as exc:
+        raise ValueError(f"not msgpack: {exc}") from exc
+    return _ADAPTER.validate_python(doc)
