@@ -81,6 +81,8 @@ class Mesh:
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
             )
+            if out is not None:
+                out.close()  # the child holds its own descriptor
             self.procs.append((name, proc))
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
