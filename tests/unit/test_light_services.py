@@ -1,4 +1,4 @@
-"""The weights service (and the gateway and scheduler) must not import torch."""
+"""The weights service, the scheduler and the gateway must not import torch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("package", ["cicada_weights", "cicada_shared"])
+@pytest.mark.parametrize(
+    "package", ["cicada_weights", "cicada_shared", "cicada_scheduler", "cicada_gateway"]
+)
 def test_imports_without_torch(package: str) -> None:
     code = (
         f"import sys, {package}, {package}.__init__\n"

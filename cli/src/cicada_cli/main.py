@@ -46,11 +46,11 @@ def up(
     except BrokerUnreachable as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from exc
-    if demo and not (models_dir / "demo" / "config.json").exists():
-        from cicada_loader.engine.zoo import write_checkpoint
+    if demo:
+        from cicada_loader.demo import ensure_demo
 
-        write_checkpoint("gpt2", models_dir / "demo", tiny=True)
-        console.print(f"wrote the demo model (tiny random GPT-2) to {models_dir / 'demo'}")
+        if ensure_demo(models_dir / "demo"):
+            console.print(f"wrote the demo model (tiny random GPT-2) to {models_dir / 'demo'}")
     mesh = Mesh(
         loaders=loaders,
         port=port,

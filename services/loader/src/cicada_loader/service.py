@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -76,6 +77,9 @@ class LoaderSettings(MeshSettings):
     loader_heartbeat_s: float = Field(1.0, description="Seconds between status reports.")
     loader_device: str = Field("cpu", description="cpu or cuda[:n].")
     loader_timeout_s: float = Field(600.0, description="Longest a cold start may wait.")
+    loader_health_file: Path | None = Field(
+        None, description="Touched at every heartbeat, for a container healthcheck."
+    )
     loader_switch_interval_s: float = Field(
         0.0005, description="Python's GIL switch interval: fetch threads get it back quickly."
     )
@@ -152,6 +156,8 @@ class LoaderService:
         while True:
             with contextlib.suppress(Exception):
                 await self._status()
+                if self.settings.loader_health_file is not None:
+                    self.settings.loader_health_file.touch()
             await asyncio.sleep(self.settings.loader_heartbeat_s)
 
     async def _status(self) -> None:
