@@ -156,6 +156,60 @@ def bench_coldstart(
     console.print(f"results: {json_path}")
 
 
+@bench.command("mesh")
+def bench_mesh(
+    model: Annotated[str, typer.Option(help="Zoo model for warm and cold requests.")] = "bert-base",
+    models_dir: Annotated[Path, typer.Option(help="Checkpoints; missing ones are written.")] = Path(
+        "models"
+    ),
+    warm: Annotated[int, typer.Option(help="Warm requests timed.")] = 200,
+    cold: Annotated[int, typer.Option(help="Cold starts timed (each way).")] = 5,
+    seq_len: Annotated[int, typer.Option(help="Tokens per request.")] = 8,
+    throughput_s: Annotated[float, typer.Option(help="Seconds of the throughput test.")] = 10.0,
+    clients: Annotated[int, typer.Option(help="Concurrent clients for throughput.")] = 8,
+    loaders: Annotated[int, typer.Option(help="Loader processes.")] = 1,
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write results.")] = Path(
+        "bench-mesh.json"
+    ),
+    work_dir: Annotated[Path, typer.Option(help="Scratch space.")] = Path("bench-out/mesh"),
+) -> None:
+    """Warm latency, cold start and throughput through the mesh, against the engine alone."""
+    from cicada_cli.bench.coldstart import ensure_checkpoints
+    from cicada_cli.bench.mesh import run_mesh_bench
+    from cicada_loader.demo import ensure_demo
+
+    ensure_checkpoints([model], models_dir, console)
+    tiny = work_dir / "tiny" / "tiny-gpt2"
+    ensure_demo(tiny)
+    result = run_mesh_bench(
+        model_dir=models_dir / model,
+        tiny_dir=tiny,
+        work_dir=work_dir,
+        warm=warm,
+        cold=cold,
+        seq_len=seq_len,
+        throughput_s=throughput_s,
+        clients=clients,
+        loaders=loaders,
+        console=console,
+    )
+    json_path.write_text(json.dumps(result, indent=1))
+    w, c, t = result["warm"], result["cold"], result["throughput"]
+    print(
+        f"warm p50 {w['mesh_p50_s'] * 1e3:.1f} ms through the mesh vs "
+        f"{w['in_process_p50_s'] * 1e3:.1f} ms in-process (+{w['overhead_p50_s'] * 1e3:.1f} ms)"
+        f"; p99 {w['mesh_p99_s'] * 1e3:.1f} ms"
+    )
+    print(
+        f"cold p50 {c['mesh_p50_s']:.3f} s through the mesh vs {c['in_process_p50_s']:.3f} s "
+        f"in-process (target ≤ {c['target_s']:.3f} s)"
+    )
+    print(
+        f"throughput {t['requests_per_s']:.0f} req/s ({t['clients']} clients, tiny GPT-2), "
+        f"p50 {t['p50_s'] * 1e3:.1f} ms"
+    )
+
+
 @bench.command("table")
 def bench_table(json_path: Annotated[Path, typer.Argument(help="A bench coldstart JSON.")]) -> None:
     """Print the markdown table of a cold-start benchmark's results."""

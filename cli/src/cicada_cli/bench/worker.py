@@ -155,10 +155,29 @@ def bound(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def forward(args: argparse.Namespace) -> dict[str, Any]:
+    """Warm forward passes, in-process: the reference for a warm request through the mesh."""
+    import torch
+
+    from cicada_loader import cold_start
+    from cicada_loader.engine.arch import flatten_outputs
+    from cicada_loader.engine.order import OrderBook
+
+    result = cold_start(args.uri, cache_dir=args.cache, orders=OrderBook(args.orders))
+    inputs = result.arch.sample_inputs(seq_len=args.seq_len)
+    times = []
+    with torch.inference_mode():
+        for _ in range(53):
+            start = time.perf_counter()
+            flatten_outputs(result.model(**inputs))
+            times.append(time.perf_counter() - start)
+    return {"forward_runs_s": times[3:]}
+
+
 def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["run", "bound"])
+    parser.add_argument("mode", choices=["run", "bound", "forward"])
     parser.add_argument("--uri", required=True)
     parser.add_argument("--origin-dir", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True)
@@ -169,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cold", action="store_true", help="evict the origin from page cache")
     args = parser.parse_args(argv)
     try:
-        out = run(args) if args.mode == "run" else bound(args)
+        out = {"run": run, "bound": bound, "forward": forward}[args.mode](args)
     finally:
         shutil.rmtree(args.cache, ignore_errors=True)
     print(json.dumps(out), flush=True)

@@ -1,0 +1,208 @@
+"""``cicada bench mesh``: what the mesh adds on top of the engine.
+
+In one run, on one machine:
+
+- **warm**: p50/p99 of a warm request through REST → gateway → RabbitMQ → scheduler →
+  loader → back, against the same forward pass timed in-process (a worker process);
+- **cold**: a cold start through the mesh (a fresh registration each time, so the model is
+  neither resident nor cached), timed by the client, against in-process ``cicada`` cold
+  starts of the same checkpoint from the same origin, alternating;
+- **throughput**: warm requests per second for a tiny model, from concurrent clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+
+from cicada_cli.up import Mesh
+
+
+def _request(model_dir: Path, seq_len: int) -> dict[str, Any]:
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab = int(config.get("vocab_size", 1000))
+    ids = [(i * 7919) % vocab for i in range(seq_len)]
+    return {
+        "inputs": [{"name": "input_ids", "shape": [1, seq_len], "datatype": "INT64", "data": ids}]
+    }
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _worker(mode: str, model_dir: Path, work: Path, seq_len: int) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "cicada_cli.bench.worker",
+        mode,
+        "--uri",
+        str(model_dir),
+        "--origin-dir",
+        str(model_dir),
+        "--cache",
+        str(work / f"cache-{uuid.uuid4().hex}"),
+        "--orders",
+        str(work / "orders"),
+        "--seq-len",
+        str(seq_len),
+    ]
+    os.sync()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run_mesh_bench(
+    *,
+    model_dir: Path,
+    tiny_dir: Path,
+    work_dir: Path,
+    warm: int,
+    cold: int,
+    seq_len: int,
+    throughput_s: float,
+    clients: int,
+    loaders: int,
+    console: Console,
+) -> dict[str, Any]:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    roots = f"{model_dir.parent.resolve()}:{tiny_dir.parent.resolve()}"
+    mesh = Mesh(
+        loaders=loaders,
+        port=18000 + os.getpid() % 1000,
+        log_dir=work_dir / "logs",
+        env={
+            "CICADA_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}",
+            "CICADA_MODELS_DIR": str(work_dir / "none"),
+            "CICADA_MODEL_ROOTS": roots,
+            "CICADA_CACHE_DIR": str(work_dir / "mesh-cache"),
+            "CICADA_LOG_JSON": "true",
+        },
+    )
+    mesh.start()
+    out: dict[str, Any] = {"model": model_dir.name, "seq_len": seq_len, "loaders": loaders}
+    try:
+        mesh.wait_ready()
+        with httpx.Client(base_url=mesh.url, timeout=600) as http:
+            out["cold"] = _cold(http, model_dir, work_dir, cold, seq_len, console)
+            out["warm"] = _warm(http, model_dir, work_dir, warm, seq_len, console)
+            out["throughput"] = _throughput(http, tiny_dir, throughput_s, clients, console)
+    finally:
+        mesh.stop()
+    return out
+
+
+def _register(http: httpx.Client, name: str, path: Path) -> None:
+    resp = http.post(f"/v2/repository/models/{name}", json={"uri": str(path.resolve())})
+    resp.raise_for_status()
+    deadline = time.monotonic() + 120
+    while http.get(f"/v2/models/{name}/ready").status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} never became ready")
+        time.sleep(0.1)
+
+
+def _cold(
+    http: httpx.Client, model_dir: Path, work: Path, reps: int, seq_len: int, console: Console
+) -> dict[str, Any]:
+    body = _request(model_dir, seq_len)
+    mesh_s, server_s, local_s = [], [], []
+    for i in range(reps):
+        console.print(f"cold start {i + 1}/{reps}: in-process, then through the mesh")
+        local_s.append(_worker("run", model_dir, work, seq_len)["summary"]["e2e_s"])
+        name = f"{model_dir.name}-cold-{i}-{uuid.uuid4().hex[:6]}"
+        _register(http, name, model_dir)
+        os.sync()
+        start = time.perf_counter()
+        resp = http.post(f"/v2/models/{name}/infer", json=body)
+        mesh_s.append(time.perf_counter() - start)
+        resp.raise_for_status()
+        params = resp.json()["parameters"]
+        assert params["cold_start"], params
+        server_s.append(params["e2e_s"])
+    mesh_p50, local_p50 = statistics.median(mesh_s), statistics.median(local_s)
+    return {
+        "mesh_s": mesh_s,
+        "loader_e2e_s": server_s,
+        "in_process_s": local_s,
+        "mesh_p50_s": mesh_p50,
+        "in_process_p50_s": local_p50,
+        "target_s": 1.1 * local_p50 + 0.05,
+        "met": mesh_p50 <= 1.1 * local_p50 + 0.05,
+    }
+
+
+def _warm(
+    http: httpx.Client, model_dir: Path, work: Path, reps: int, seq_len: int, console: Console
+) -> dict[str, Any]:
+    console.print(f"{reps} warm requests through the mesh, then in-process")
+    name = f"{model_dir.name}-warm"
+    _register(http, name, model_dir)
+    body = _request(model_dir, seq_len)
+    http.post(f"/v2/models/{name}/infer", json=body).raise_for_status()  # the cold start
+    for _ in range(3):
+        http.post(f"/v2/models/{name}/infer", json=body)
+    latencies, compute = [], []
+    for _ in range(reps):
+        start = time.perf_counter()
+        resp = http.post(f"/v2/models/{name}/infer", json=body)
+        latencies.append(time.perf_counter() - start)
+        compute.append(resp.json()["parameters"]["compute_s"])
+    local = _worker("forward", model_dir, work, seq_len)["forward_runs_s"]
+    p50, local_p50 = statistics.median(latencies), statistics.median(local)
+    return {
+        "mesh_p50_s": p50,
+        "mesh_p99_s": _pct(latencies, 0.99),
+        "loader_compute_p50_s": statistics.median(compute),
+        "in_process_p50_s": local_p50,
+        "overhead_p50_s": p50 - local_p50,
+        "target_s": local_p50 + 0.005,
+        "met": p50 <= local_p50 + 0.005,
+    }
+
+
+def _throughput(
+    http: httpx.Client, tiny_dir: Path, seconds: float, clients: int, console: Console
+) -> dict[str, Any]:
+    console.print(f"throughput: {clients} clients for {seconds:g}s on {tiny_dir.name}")
+    name = "throughput-tiny"
+    _register(http, name, tiny_dir)
+    body = _request(tiny_dir, 8)
+    http.post(f"/v2/models/{name}/infer", json=body).raise_for_status()
+    stop = time.monotonic() + seconds
+
+    def client() -> list[float]:
+        done = []
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as own:
+            while time.monotonic() < stop:
+                start = time.perf_counter()
+                own.post(f"/v2/models/{name}/infer", json=body).raise_for_status()
+                done.append(time.perf_counter() - start)
+        return done
+
+    begin = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        per_client = list(pool.map(lambda _: client(), range(clients)))
+    elapsed = time.monotonic() - begin
+    latencies = [x for runs in per_client for x in runs]
+    return {
+        "clients": clients,
+        "seconds": elapsed,
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_s": statistics.median(latencies),
+        "p99_s": _pct(latencies, 0.99),
+    }
