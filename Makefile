@@ -8,7 +8,7 @@ PACKAGES = -e shared -e services/weights -e services/loader -e services/schedule
            -e services/gateway -e cli
 STAMP = $(VENV)/.installed
 
-.PHONY: install test lint typecheck checkpoints bench coldstart clean
+.PHONY: install test lint typecheck checkpoints bench coldstart up clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench-out
+
+# Start the mesh on this machine (RabbitMQ must be reachable at CICADA_AMQP_URL).
+up: install
+	$(BIN)/cicada up
 
 # Write a random-weight GPT-2 (once) and cold-start it; prints the timeline summary.
 coldstart: install
