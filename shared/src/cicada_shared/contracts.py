@@ -83,9 +83,9 @@ class TensorSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    datatype: Datatype
-    shape: list[int]
+    name: str = Field(description="Input or output name.")
+    datatype: Datatype = Field(description="Open Inference Protocol datatype.")
+    shape: list[int] = Field(description="Dimensions; -1 where any size is accepted.")
 
 
 # -- jobs ------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class RunJob(Contract):
     """Scheduler → loader: run this job; on a cold start the weights are already coming."""
 
     kind: Literal["run_job"] = "run_job"
-    job: InferJob
+    job: InferJob = Field(description="The job as it was submitted.")
     uri: str = Field(description="Where the model's checkpoint lives.")
     fetch_id: str | None = Field(None, description="The fetch feeding this cold start.")
     reply_to: str | None = Field(None, description="Queue for the JobResult, if any.")
@@ -123,9 +123,9 @@ class JobResult(Contract):
     """The outcome of a job: to its ``reply_to`` and to the scheduler."""
 
     kind: Literal["job_result"] = "job_result"
-    job_id: str
-    model: str
-    state: Literal["succeeded", "failed", "cancelled"]
+    job_id: str = Field(description="The job's unique id.")
+    model: str = Field(description="Registered model name.")
+    state: Literal["succeeded", "failed", "cancelled"] = Field(description="How the job ended.")
     outputs: list[Tensor] = Field(default_factory=list)
     error: ErrorInfo | None = None
     cold: bool = Field(False, description="True when the model was loaded for this job.")
@@ -141,16 +141,23 @@ class JobProgress(Contract):
     """Loader → scheduler: a running job changed state."""
 
     kind: Literal["job_progress"] = "job_progress"
-    job_id: str
-    state: JobState
-    loader_id: str
+    job_id: str = Field(description="The job's unique id.")
+    state: JobState = Field(description="The job's new state.")
+    loader_id: str = Field(description="The loader that runs (or ran) the job.")
 
 
 class CancelJob(Contract):
-    """Scheduler → loader: stop this job if it is still running."""
+    """Scheduler → loader: stop this job if it is still running (between two layers)."""
 
     kind: Literal["cancel_job"] = "cancel_job"
-    job_id: str
+    job_id: str = Field(description="The job to stop.")
+
+
+class UnloadModel(Contract):
+    """Scheduler → loader: drop this model (it was unregistered)."""
+
+    kind: Literal["unload_model"] = "unload_model"
+    model: str = Field(description="Registered model name.")
 
 
 # -- weights ---------------------------------------------------------------------------------
@@ -160,9 +167,9 @@ class FetchRequest(Contract):
     """Scheduler → weights: fetch a checkpoint into this node's cache, in this order."""
 
     kind: Literal["fetch_request"] = "fetch_request"
-    fetch_id: str
-    model: str
-    uri: str
+    fetch_id: str = Field(description="Unique id of one fetch.")
+    model: str = Field(description="Registered model name.")
+    uri: str = Field(description="Where the model's checkpoint lives (file:// or http(s)://).")
     order: list[list[str]] = Field(
         default_factory=list, description="Checkpoint keys grouped by unit, execution order."
     )
@@ -172,14 +179,14 @@ class FetchRequest(Contract):
 
 class FetchCancel(Contract):
     kind: Literal["fetch_cancel"] = "fetch_cancel"
-    fetch_id: str
+    fetch_id: str = Field(description="Unique id of one fetch.")
 
 
 class ManifestAnnounced(Contract):
     """Weights → loader: the cache files exist (at full size, header written)."""
 
     kind: Literal["manifest_announced"] = "manifest_announced"
-    fetch_id: str
+    fetch_id: str = Field(description="Unique id of one fetch.")
     cache_dir: str = Field(description="Node-local directory holding the checkpoint's files.")
     at: float = Field(description="Wall-clock time.")
 
@@ -188,10 +195,10 @@ class PieceAnnounced(Contract):
     """Weights → loader: these tensors' bytes are in the cache file."""
 
     kind: Literal["piece_announced"] = "piece_announced"
-    fetch_id: str
-    index: int
-    file: str
-    tensors: list[str]
+    fetch_id: str = Field(description="Unique id of one fetch.")
+    index: int = Field(description="The piece's place in the fetch plan.")
+    file: str = Field(description="The shard file the piece belongs to.")
+    tensors: list[str] = Field(description="Checkpoint keys whose bytes are now in the cache.")
     ranges: list[tuple[int, int]] = Field(description="Absolute byte ranges written.")
     started: float = Field(description="Wall-clock time the first range was requested.")
     landed: float = Field(description="Wall-clock time the last range landed.")
@@ -199,16 +206,16 @@ class PieceAnnounced(Contract):
 
 class FetchFinished(Contract):
     kind: Literal["fetch_finished"] = "fetch_finished"
-    fetch_id: str
-    nbytes: int
-    at: float
+    fetch_id: str = Field(description="Unique id of one fetch.")
+    nbytes: int = Field(description="Bytes copied from the origin (0 when served from the cache).")
+    at: float = Field(description="Wall-clock time.")
 
 
 class FetchFailedNotice(Contract):
     kind: Literal["fetch_failed"] = "fetch_failed"
-    fetch_id: str
-    error: ErrorInfo
-    at: float
+    fetch_id: str = Field(description="Unique id of one fetch.")
+    error: ErrorInfo = Field(description="What went wrong.")
+    at: float = Field(description="Wall-clock time.")
 
 
 # -- loaders and models ----------------------------------------------------------------------
@@ -218,26 +225,28 @@ class LoaderStatus(Contract):
     """Loader → scheduler, every heartbeat: what it holds and how busy it is."""
 
     kind: Literal["loader_status"] = "loader_status"
-    loader_id: str
-    node: str
+    loader_id: str = Field(description="The loader's unique name.")
+    node: str = Field(description="The machine it runs on (its weights service and cache).")
     resident: list[str] = Field(description="Models loaded and ready.")
     slots: int = Field(description="Jobs it can run at once.")
     busy: int = Field(description="Jobs it is running.")
-    at: float
-    stopping: bool = False
+    at: float = Field(description="Wall-clock time of this report.")
+    stopping: bool = Field(False, description="True on the last report before it stops.")
+    memory_bytes: int = Field(0, description="Bytes of resident models.")
+    memory_budget_bytes: int = Field(0, description="Its budget for resident models.")
 
 
 class PrepareModel(Contract):
     """Scheduler → a loader: learn a model's execution order and metadata (no weights)."""
 
     kind: Literal["prepare_model"] = "prepare_model"
-    model: str
-    uri: str
+    model: str = Field(description="Registered model name.")
+    uri: str = Field(description="Where the model's checkpoint lives (file:// or http(s)://).")
 
 
 class ModelPrepared(Contract):
     kind: Literal["model_prepared"] = "model_prepared"
-    model: str
+    model: str = Field(description="Registered model name.")
     order: list[list[str]] = Field(default_factory=list)
     inputs: list[TensorSpec] = Field(default_factory=list)
     outputs: list[TensorSpec] = Field(default_factory=list)
@@ -249,18 +258,18 @@ class ModelPrepared(Contract):
 
 class RegisterModel(Contract):
     kind: Literal["register_model"] = "register_model"
-    model: str
-    uri: str
+    model: str = Field(description="Registered model name.")
+    uri: str = Field(description="Where the model's checkpoint lives (file:// or http(s)://).")
 
 
 class UnregisterModel(Contract):
     kind: Literal["unregister_model"] = "unregister_model"
-    model: str
+    model: str = Field(description="Registered model name.")
 
 
 class GetModel(Contract):
     kind: Literal["get_model"] = "get_model"
-    model: str
+    model: str = Field(description="Registered model name.")
 
 
 class ListModels(Contract):
@@ -269,12 +278,12 @@ class ListModels(Contract):
 
 class GetJob(Contract):
     kind: Literal["get_job"] = "get_job"
-    job_id: str
+    job_id: str = Field(description="The job's unique id.")
 
 
 class CancelRequest(Contract):
     kind: Literal["cancel_request"] = "cancel_request"
-    job_id: str
+    job_id: str = Field(description="The job's unique id.")
 
 
 class Health(Contract):
@@ -285,7 +294,7 @@ class Reply(Contract):
     """Scheduler → requester: the answer to an RPC request."""
 
     kind: Literal["reply"] = "reply"
-    ok: bool
+    ok: bool = Field(description="True when the request succeeded.")
     error: ErrorInfo | None = None
     data: dict[str, Any] = Field(default_factory=dict)
 
@@ -305,6 +314,7 @@ Message = Annotated[
     | LoaderStatus
     | PrepareModel
     | ModelPrepared
+    | UnloadModel
     | RegisterModel
     | UnregisterModel
     | GetModel

@@ -12,7 +12,9 @@
     ├── UnsupportedArchitecture    the config names a model we cannot build
     ├── OriginError                the origin refused or failed a request
     │   └── OriginTimeout          the origin stalled past the timeout
-    ├── LoadCancelled              the cold start was cancelled before it finished
+    ├── LoadCancelled              the job was cancelled before it finished
+    ├── DeadlineExceeded           the job's deadline passed before it finished
+    ├── InsufficientMemory         the model does not fit the loader's memory budget
     └── LoadTimeout                a cold start made no progress within its deadline
 
 Every error carries a ``kind`` (its class name) so that a failed job can report it over the
@@ -100,3 +102,11 @@ class LoadCancelled(CicadaError):
 
 class LoadTimeout(CicadaError):
     """A cold start waited past its deadline for weights that did not come."""
+
+
+class DeadlineExceeded(CicadaError):
+    """The job's deadline passed before it finished."""
+
+
+class InsufficientMemory(CicadaError):
+    """The model is larger than the loader's whole memory budget."""

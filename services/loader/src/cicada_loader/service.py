@@ -20,21 +20,21 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 import torch
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import Field
-from torch import nn
 
-from cicada_loader.engine.arch import Architecture, flatten_outputs, resolve
+from cicada_loader.engine.arch import flatten_outputs, resolve
 from cicada_loader.engine.describe import describe
 from cicada_loader.engine.order import OrderBook
 from cicada_loader.engine.pipeline import VARIANTS, PipelinedColdStart
 from cicada_loader.remote import Announcements, RemoteFetch
+from cicada_loader.residency import JobScope, Residency, Resident
 from cicada_loader.tensors import DATATYPE_OF, InvalidInput, from_torch, to_torch
 from cicada_shared.bus import Bus
 from cicada_shared.contracts import (
@@ -54,8 +54,9 @@ from cicada_shared.contracts import (
     PrepareModel,
     RunJob,
     TensorSpec,
+    UnloadModel,
 )
-from cicada_shared.errors import CicadaError
+from cicada_shared.errors import CicadaError, DeadlineExceeded, LoadCancelled
 from cicada_shared.service import InFlight
 from cicada_shared.settings import MeshSettings
 from cicada_weights.checkpoint import read_checkpoint
@@ -77,23 +78,18 @@ class LoaderSettings(MeshSettings):
     loader_heartbeat_s: float = Field(1.0, description="Seconds between status reports.")
     loader_device: str = Field("cpu", description="cpu or cuda[:n].")
     loader_timeout_s: float = Field(600.0, description="Longest a cold start may wait.")
+    loader_keep_alive_s: float = Field(
+        300.0, description="A model idle this long is unloaded (scale to zero)."
+    )
+    loader_memory_bytes: int = Field(
+        0, description="Budget for resident models; 0: 60 % of this machine's memory."
+    )
     loader_health_file: Path | None = Field(
         None, description="Touched at every heartbeat, for a container healthcheck."
     )
     loader_switch_interval_s: float = Field(
         0.0005, description="Python's GIL switch interval: fetch threads get it back quickly."
     )
-
-
-@dataclass(eq=False)
-class Resident:
-    """A model loaded and ready for the next request."""
-
-    model: nn.Module
-    arch: Architecture
-    uri: str
-    loaded_at: float
-    last_used: float
 
 
 class LoaderService:
@@ -104,9 +100,11 @@ class LoaderService:
         self.bus = Bus(settings.amqp_url, settings.names, client=f"loader {self.id}")
         self.orders = OrderBook(settings.cache_dir / "orders")
         self.announcements = Announcements()
-        self.resident: dict[str, Resident] = {}
+        budget = settings.loader_memory_bytes or int(psutil.virtual_memory().total * 0.6)
+        self.residency = Residency(budget_bytes=budget, keep_alive_s=settings.loader_keep_alive_s)
+        self.scopes: dict[str, JobScope] = {}
+        self.cancelled_early: set[str] = set()
         self.busy = 0
-        self.cancelled: set[str] = set()
         self.inflight = InFlight()
         self.device = torch.device(settings.loader_device)
         self._heartbeat: asyncio.Task[None] | None = None
@@ -144,6 +142,9 @@ class LoaderService:
         await self.bus.stop_consuming()
         if not await self.inflight.drain(self.settings.drain_s):
             log.warning("drain_timeout", running=self.inflight.count)
+            for scope in list(self.scopes.values()):
+                scope.cancel(LoadCancelled("the loader is stopping"))
+            await self.inflight.drain(self.settings.drain_s)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,7 +154,10 @@ class LoaderService:
         await self.bus.close()
 
     async def _beat(self) -> None:
+        """Heartbeat; also scales idle models to zero."""
         while True:
+            for name in self.residency.expire():
+                log.info("model_unloaded", model=name, reason="keep-alive expired")
             with contextlib.suppress(Exception):
                 await self._status()
                 if self.settings.loader_health_file is not None:
@@ -164,11 +168,13 @@ class LoaderService:
         status = LoaderStatus(
             loader_id=self.id,
             node=self.settings.node,
-            resident=sorted(self.resident),
+            resident=sorted(self.residency.models),
             slots=self.settings.loader_slots,
             busy=self.busy,
             at=time.time(),
             stopping=self._stopping,
+            memory_bytes=self.residency.used_bytes,
+            memory_budget_bytes=self.residency.budget_bytes,
         )
         await self.bus.publish(status, self.names.scheduler_inbox)
 
@@ -184,7 +190,17 @@ class LoaderService:
         if isinstance(message, PrepareModel):
             await self.bus.publish(await self.prepare(message), self.names.scheduler_inbox)
         elif isinstance(message, CancelJob):
-            self.cancelled.add(message.job_id)
+            scope = self.scopes.get(message.job_id)
+            if scope is not None:
+                scope.cancel(LoadCancelled(f"job {message.job_id} cancelled"))
+            else:
+                self.cancelled_early.add(message.job_id)
+        elif isinstance(message, UnloadModel):
+            resident = self.residency.get(message.model)
+            if resident is not None and resident.in_use == 0:
+                self.residency.drop(message.model)
+                log.info("model_unloaded", model=message.model, reason="unregistered")
+                await self._status()
 
     async def on_job(self, message: Message, _: AbstractIncomingMessage) -> None:
         if not isinstance(message, RunJob):
@@ -206,36 +222,49 @@ class LoaderService:
     async def run(self, request: RunJob) -> JobResult:
         job = request.job
         started = time.time()
-        bound = structlog.get_logger("cicada.loader").bind(job_id=job.job_id, model=job.model)
+        bound = log.bind(job_id=job.job_id, model=job.model)
         base: dict[str, Any] = {
             "job_id": job.job_id,
             "model": job.model,
             "loader_id": self.id,
             "queue_s": max(0.0, started - job.submitted_at),
         }
-        if job.job_id in self.cancelled:
-            self.cancelled.discard(job.job_id)
-            return JobResult(state="cancelled", **base)
+        scope = self.scopes[job.job_id] = JobScope(job.job_id)
+        timer = None
+        if job.job_id in self.cancelled_early:
+            self.cancelled_early.discard(job.job_id)
+            scope.cancel(LoadCancelled(f"job {job.job_id} cancelled"))
+        if job.deadline_s is not None:
+            timer = asyncio.get_running_loop().call_later(
+                max(0.0, job.deadline_s - time.time()),
+                scope.cancel,
+                DeadlineExceeded(f"job {job.job_id} passed its deadline"),
+            )
         try:
+            scope.check()
             inputs = {t.name: to_torch(t) for t in job.inputs}
-            resident = self.resident.get(job.model)
+            resident = self.residency.get(job.model)
+            cold = resident is None
             if resident is None:
                 await self._progress(job.job_id, "loading")
-                outputs, timeline = await self._cold(request, inputs)
+                resident, outputs, timeline = await self._cold(request, inputs, scope)
                 compute_s = timeline.get("exec_busy_s")
             else:
                 await self._progress(job.job_id, "running")
-                outputs, compute_s = await asyncio.to_thread(self._warm, resident, inputs)
+                outputs, compute_s = await asyncio.to_thread(self._warm, resident, inputs, scope)
                 timeline = {}
             chosen = select(outputs, job.outputs)
             result = JobResult(
                 state="succeeded",
-                outputs=[from_torch(k, v) for k, v in chosen.items()],
-                cold=resident is None,
+                cold=cold,
                 timeline=timeline,
+                outputs=[from_torch(k, v) for k, v in chosen.items()],
                 compute_s=compute_s,
                 **base,
             )
+        except LoadCancelled as exc:
+            bound.info("job_cancelled", reason=str(exc))
+            return JobResult(state="cancelled", error=ErrorInfo.of(exc), **base)
         except Exception as exc:
             error = (
                 ErrorInfo.of(exc)
@@ -244,6 +273,10 @@ class LoaderService:
             )
             bound.warning("job_failed", error=error.message, kind=error.kind)
             return JobResult(state="failed", error=error, **base)
+        finally:
+            self.scopes.pop(job.job_id, None)
+            if timer is not None:
+                timer.cancel()
         bound.info(
             "job_done",
             cold=result.cold,
@@ -253,8 +286,8 @@ class LoaderService:
         return result
 
     async def _cold(
-        self, request: RunJob, inputs: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        self, request: RunJob, inputs: dict[str, torch.Tensor], scope: JobScope
+    ) -> tuple[Resident, dict[str, torch.Tensor], dict[str, Any]]:
         if request.fetch_id is None:
             raise CicadaError(
                 f"model {request.job.model!r} is not resident here and no fetch was started for it"
@@ -285,28 +318,40 @@ class LoaderService:
             timeout_s=self.settings.loader_timeout_s,
             reuse_cache=True,
             priority=request.job.priority,
+            before_build=self._make_room,
         )
+        scope.on_cancel(run.cancel)
         try:
             result = await asyncio.to_thread(run.run)
         finally:
             self.announcements.unsubscribe(fetch_id)
-        now = time.time()
-        self.resident[request.job.model] = Resident(
-            result.model, result.arch, request.uri, now, now
+        resident = Resident(
+            request.job.model, result.model, result.arch, request.uri, result.manifest.nbytes
         )
-        return result.outputs, result.timeline.summary()
+        self.residency.add(resident)
+        return resident, result.outputs, result.timeline.summary()
+
+    def _make_room(self, nbytes: int) -> None:
+        """Before a skeleton is built: evict idle models until this one fits."""
+        for name in self.residency.make_room(nbytes):
+            log.info("model_unloaded", model=name, reason="memory budget")
 
     def _warm(
-        self, resident: Resident, inputs: dict[str, torch.Tensor]
+        self, resident: Resident, inputs: dict[str, torch.Tensor], scope: JobScope
     ) -> tuple[dict[str, torch.Tensor], float]:
         resident.last_used = time.time()
-        args = {k: v.to(self.device) for k, v in inputs.items()}
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = flatten_outputs(resident.model(**args))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out, time.perf_counter() - start
+        resident.in_use += 1
+        try:
+            args = {k: v.to(self.device) for k, v in inputs.items()}
+            start = time.perf_counter()
+            with scope, torch.inference_mode():
+                out = flatten_outputs(resident.model(**args))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return out, time.perf_counter() - start
+        finally:
+            resident.in_use -= 1
+            resident.last_used = time.time()
 
     async def _progress(self, job_id: str, state: JobState) -> None:
         with contextlib.suppress(Exception):

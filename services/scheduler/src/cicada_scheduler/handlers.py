@@ -17,6 +17,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from cicada_scheduler.state import JobRecord, ModelRecord, Placement, State
+from cicada_scheduler.store import Store
 from cicada_shared.bus import Bus, field
 from cicada_shared.contracts import (
     CancelJob,
@@ -37,6 +38,7 @@ from cicada_shared.contracts import (
     RegisterModel,
     Reply,
     RunJob,
+    UnloadModel,
     UnregisterModel,
 )
 from cicada_shared.errors import CicadaError
@@ -48,9 +50,10 @@ log = structlog.get_logger("cicada.scheduler")
 
 
 class Handlers:
-    def __init__(self, bus: Bus, state: State, roots: list[Path]) -> None:
+    def __init__(self, bus: Bus, state: State, roots: list[Path], store: Store) -> None:
         self.bus = bus
         self.state = state
+        self.store = store
         self.roots = roots
         self.names = bus.names
         self._prepared_at: dict[str, float] = {}
@@ -64,12 +67,20 @@ class Handlers:
             await incoming.reject(requeue=False)
             return
         job = message
+        known = self.state.jobs.get(job.job_id)
+        if known is not None and known.state != "queued":  # redelivered after a restart
+            if known.result is not None and incoming.reply_to:
+                await self.bus.send_to(incoming.reply_to, known.result, correlation_id=job.job_id)
+            await incoming.ack()
+            return
         refusal = self._refuse(job)
         if refusal is not None:
             await self._finish_now(job, incoming.reply_to, refusal)
             await incoming.ack()
             return
-        self.state.accept(JobRecord(job, incoming.reply_to, settle=incoming))
+        record = JobRecord(job, incoming.reply_to, settle=incoming)
+        self.state.accept(record)
+        self.store.save_job(record)
         log.info("job_accepted", job_id=job.job_id, model=job.model, priority=job.priority)
         await self.dispatch()
 
@@ -82,7 +93,7 @@ class Handlers:
         result = JobResult(
             job_id=job_id, model=str(field(incoming, "model") or "?"), state="failed", error=error
         )
-        self.state.remember_failed(result)
+        self.store.save_job(self.state.remember_failed(result))
         if incoming.reply_to:
             await self.bus.send_to(incoming.reply_to, result, correlation_id=job_id)
 
@@ -102,7 +113,7 @@ class Handlers:
 
     async def _finish_now(self, job: InferJob, reply_to: str | None, error: ErrorInfo) -> None:
         result = JobResult(job_id=job.job_id, model=job.model, state="failed", error=error)
-        self.state.remember_failed(result, job=job, reply_to=reply_to)
+        self.store.save_job(self.state.remember_failed(result, job=job, reply_to=reply_to))
         log.info(
             "job_refused", job_id=job.job_id, model=job.model, kind=error.kind, reason=error.message
         )
@@ -141,6 +152,7 @@ class Handlers:
             log.warning("dispatch_failed", job_id=job.job_id, loader=loader_id, error=str(exc))
             self.state.requeue(record, loader)
             return
+        self.store.save_job(record)
         log.info("job_dispatched", job_id=job.job_id, loader=loader_id, cold=placement.cold)
         await self._settle(record)
 
@@ -157,6 +169,7 @@ class Handlers:
         if isinstance(message, JobResult):
             record = self.state.finish(message)
             if record is not None:
+                self.store.save_job(record)
                 log.info(
                     "job_finished",
                     job_id=message.job_id,
@@ -183,10 +196,12 @@ class Handlers:
             return
         if message.error is not None:
             record.state, record.error = "failed", message.error
+            self.store.save_model(record)
             log.warning("model_failed", model=message.model, error=message.error.message)
             return
         record.state, record.order = "ready", message.order
         record.inputs, record.outputs = message.inputs, message.outputs
+        self.store.save_model(record)
         log.info("model_ready", model=message.model)
 
     async def tick(self) -> None:
@@ -223,10 +238,12 @@ class Handlers:
                 )
         await self._prepare_waiting()
         await self.dispatch()
+        self.store.prune(self.state.keep_finished)
 
     async def _deliver(self, record: JobRecord, result: JobResult) -> None:
         """Finish a job here (not on a loader): store, tell the submitter, settle."""
         self.state.finish(result)
+        self.store.save_job(record)
         if record.reply_to:
             await self.bus.send_to(record.reply_to, result, correlation_id=result.job_id)
         await self._settle(record)
@@ -259,6 +276,7 @@ class Handlers:
             model_type=config.get("model_type") or config.get("cicada_zoo"),
         )
         self.state.models[name] = record
+        self.store.save_model(record)
         log.info("model_registered", model=name, uri=uri, bytes=record.nbytes)
         await self._prepare_waiting()
         return record
@@ -297,12 +315,7 @@ class Handlers:
                 return Reply(ok=False, error=outcome)
             return Reply(ok=True, data=self._model_json(outcome))
         if isinstance(message, UnregisterModel):
-            record = state.models.pop(message.model, None)
-            return (
-                Reply(ok=True, data=self._model_json(record))
-                if record
-                else _unknown_model(message.model)
-            )
+            return await self._unregister(message.model)
         if isinstance(message, GetModel):
             record = state.models.get(message.model)
             return (
@@ -332,6 +345,19 @@ class Handlers:
             ok=False,
             error=ErrorInfo(kind="UnknownRequest", message=f"cannot answer {message.kind!r}"),
         )
+
+    async def _unregister(self, name: str) -> Reply:
+        record = self.state.models.pop(name, None)
+        if record is None:
+            return _unknown_model(name)
+        self.store.delete_model(name)
+        doc = self._model_json(record)
+        for loader_id in self.state.resident_on(name):
+            await self.bus.publish(
+                UnloadModel(model=name), self.names.loader_queue(loader_id) + ".control"
+            )
+        log.info("model_unregistered", model=name)
+        return Reply(ok=True, data=doc)
 
     async def _cancel(self, job_id: str) -> Reply:
         record = self.state.jobs.get(job_id)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import structlog
 from pydantic import Field
 
 from cicada_scheduler.handlers import Handlers
 from cicada_scheduler.state import State
+from cicada_scheduler.store import Store
 from cicada_shared.bus import Bus
 from cicada_shared.settings import MeshSettings
 
@@ -26,6 +28,15 @@ log = structlog.get_logger("cicada.scheduler")
 
 
 class SchedulerSettings(MeshSettings):
+    scheduler_db: Path | None = Field(
+        None, description="SQLite file for models and jobs; default: <cache_dir>/scheduler.db."
+    )
+    scheduler_priorities: bool = Field(
+        True, description="Most urgent first (false: strict arrival order, for comparison)."
+    )
+    scheduler_aging_s: float = Field(
+        5.0, description="A waiting job below 9 gains one priority level per this many seconds."
+    )
     scheduler_loader_timeout_s: float = Field(5.0, description="A loader silent this long is gone.")
     scheduler_tick_s: float = Field(0.5, description="How often deadlines and loaders are checked.")
     scheduler_prefetch: int = Field(1000, description="Jobs the scheduler may hold waiting.")
@@ -35,11 +46,20 @@ class SchedulerService:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
         self.bus = Bus(settings.amqp_url, settings.names, client="scheduler")
-        self.state = State(loader_timeout_s=settings.scheduler_loader_timeout_s)
-        self.handlers = Handlers(self.bus, self.state, settings.roots)
+        self.state = State(
+            loader_timeout_s=settings.scheduler_loader_timeout_s,
+            priorities=settings.scheduler_priorities,
+            aging_s=settings.scheduler_aging_s,
+        )
+        self.store = Store(settings.scheduler_db or settings.cache_dir / "scheduler.db")
+        self.handlers = Handlers(self.bus, self.state, settings.roots, self.store)
         self._tick: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        for model in self.store.load_models():
+            self.state.models[model.name] = model
+        for job in self.store.load_jobs():
+            self.state.restore(job)
         await self.bus.connect()
         names, topo = self.settings.names, self.bus.topology
         inbox = await topo.queue(
@@ -65,6 +85,7 @@ class SchedulerService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tick
         await self.bus.close()  # unacked waiting jobs return to the queue for the next scheduler
+        self.store.close()
 
     async def _ticker(self) -> None:
         while True:

@@ -1,20 +1,23 @@
 """The scheduler's view of the mesh, and its decisions — pure logic, no I/O.
 
-- Jobs wait in ``pending`` until a loader has a free slot; the most urgent (highest priority,
-  then oldest) goes first.
+- Jobs wait here until a loader has a free slot; then the most urgent goes first: highest
+  *effective* priority, then oldest. Aging: a job below 9 gains one level for every
+  ``aging_s`` seconds it has waited, up to 8 — so urgent (9) work always goes first, and
+  nothing else waits forever behind a stream of higher-priority work. With priorities off,
+  jobs go strictly in arrival order (the benchmark's FIFO baseline).
 - Placement: a loader with the model resident; else one on a node whose cache holds the
   model; else the least loaded.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from cicada_shared.contracts import (
+    PRIORITY_MAX,
     ErrorInfo,
     InferJob,
     JobResult,
@@ -64,6 +67,8 @@ class JobRecord:
     result: JobResult | None = None
     #: settles the job's broker message (ack) once the job has left the scheduler
     settle: object = None
+    #: arrival order, for FIFO among equals
+    seq: int = 0
 
     def to_json(self) -> dict[str, object]:
         r = self.result
@@ -107,48 +112,73 @@ class Placement:
 
 
 class State:
-    def __init__(self, *, loader_timeout_s: float = 5.0, keep_finished: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        loader_timeout_s: float = 5.0,
+        keep_finished: int = 10_000,
+        priorities: bool = True,
+        aging_s: float = 5.0,
+    ) -> None:
+        self.priorities = priorities
+        self.aging_s = aging_s
+        self.loader_timeout_s = loader_timeout_s
+        self.keep_finished = keep_finished
         self.models: dict[str, ModelRecord] = {}
         self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
         self.loaders: dict[str, LoaderRecord] = {}
         self.node_cache: dict[str, set[str]] = {}  # node → models fetched there
-        self.loader_timeout_s = loader_timeout_s
-        self.keep_finished = keep_finished
-        self._pending: list[tuple[int, int, str]] = []  # (-priority, seq, job id)
+        self._pending: set[str] = set()
         self._seq = itertools.count()
 
     # -- jobs ------------------------------------------------------------------------------
 
     def accept(self, record: JobRecord) -> None:
+        record.seq = next(self._seq)
+        record.state = "queued"
         self.jobs[record.job.job_id] = record
-        heapq.heappush(self._pending, (-record.job.priority, next(self._seq), record.job.job_id))
+        self._pending.add(record.job.job_id)
+
+    def effective_priority(self, record: JobRecord, now: float) -> int:
+        if not self.priorities:
+            return 0
+        priority = record.job.priority
+        if priority >= PRIORITY_MAX:
+            return priority
+        aged = priority + int((now - record.accepted_at) // self.aging_s)
+        return min(PRIORITY_MAX - 1, aged)
 
     def pending(self) -> list[JobRecord]:
-        return [
-            self.jobs[i]
-            for _, _, i in sorted(self._pending)
-            if i in self.jobs and self.jobs[i].state == "queued"
-        ]
+        """Waiting jobs, most urgent first."""
+        now = time.time()
+        waiting = []
+        for job_id in list(self._pending):
+            record = self.jobs.get(job_id)
+            if record is None or record.state != "queued":
+                self._pending.discard(job_id)
+            else:
+                waiting.append(record)
+        return sorted(waiting, key=lambda r: (-self.effective_priority(r, now), r.seq))
 
     def finish(self, result: JobResult) -> JobRecord | None:
         record = self.jobs.get(result.job_id)
         if record is None:
             return None
+        self._pending.discard(result.job_id)
         record.state, record.result, record.finished_at = result.state, result, time.time()
         loader = self.loaders.get(record.loader_id or "")
         if loader is not None:
             loader.running.discard(result.job_id)
             loader.loading.discard(record.job.model)
             if result.state == "succeeded" and record.job.model not in loader.status.resident:
-                loader.status = loader.status.model_copy(
-                    update={"resident": [*loader.status.resident, record.job.model]}
-                )
+                resident = [*loader.status.resident, record.job.model]
+                loader.status = loader.status.model_copy(update={"resident": resident})
         self._forget_old()
         return record
 
     def remember_failed(
         self, result: JobResult, *, job: InferJob | None = None, reply_to: str | None = None
-    ) -> None:
+    ) -> JobRecord:
         """Record a job that ended without reaching a loader (refused, or undecodable)."""
         record = self.jobs.get(result.job_id)
         if record is None:
@@ -158,12 +188,32 @@ class State:
             record = self.jobs[result.job_id] = JobRecord(job, reply_to)
         record.state, record.result, record.finished_at = result.state, result, time.time()
         self._forget_old()
+        return record
 
     def requeue(self, record: JobRecord, loader: LoaderRecord) -> None:
         """A dispatch failed (the loader is gone): the job waits again, the loader is dropped."""
         self.loaders.pop(loader.status.loader_id, None)
         record.state, record.loader_id, record.dispatched_at = "queued", None, None
-        heapq.heappush(self._pending, (-record.job.priority, next(self._seq), record.job.job_id))
+        self._pending.add(record.job.job_id)
+
+    def restore(self, record: JobRecord) -> None:
+        """A job known from before a restart. Waiting ones come back from the broker; those
+        a loader was running wait for its result (or for it to be declared lost)."""
+        record.seq = next(self._seq)
+        self.jobs[record.job.job_id] = record
+        if record.finished_at is None and record.loader_id and record.state != "queued":
+            loader = self.loaders.get(record.loader_id)
+            if loader is None:  # unknown until it reports; lost if it never does
+                status = LoaderStatus(
+                    loader_id=record.loader_id,
+                    node="?",
+                    resident=[],
+                    slots=0,
+                    busy=0,
+                    at=time.time(),
+                )
+                loader = self.loaders[record.loader_id] = LoaderRecord(status)
+            loader.running.add(record.job.job_id)
 
     def _forget_old(self) -> None:
         finished = [i for i, r in self.jobs.items() if r.finished_at is not None]
@@ -178,8 +228,9 @@ class State:
         if record is None:
             self.loaders[status.loader_id] = LoaderRecord(status)
             return True
+        new = record.status.node == "?"
         record.status, record.seen = status, time.monotonic()
-        return False
+        return new
 
     def alive(self) -> list[LoaderRecord]:
         now = time.monotonic()
@@ -207,32 +258,27 @@ class State:
     # -- placement -------------------------------------------------------------------------
 
     def place(self) -> list[Placement]:
-        """Pop every pending job that a loader can take now, most urgent first."""
+        """Take the most urgent waiting jobs that loaders can start now."""
         placements: list[Placement] = []
-        while self._pending:
-            _, _, job_id = self._pending[0]
-            record = self.jobs.get(job_id)
-            if record is None or record.state != "queued":
-                heapq.heappop(self._pending)
-                continue
+        for record in self.pending():
             choice = self._choose(record.job.model)
             if choice is None:
                 break  # no free slot anywhere: the most urgent job waits, and so do the rest
-            heapq.heappop(self._pending)
+            self._pending.discard(record.job.job_id)
             loader, cold = choice
-            loader.running.add(job_id)
+            loader.running.add(record.job.job_id)
             if cold:
                 loader.loading.add(record.job.model)
                 self.node_cache.setdefault(loader.status.node, set()).add(record.job.model)
-            record.state, record.loader_id = (
-                "fetching" if cold else "running",
-                loader.status.loader_id,
-            )
+            record.state = "fetching" if cold else "running"
+            record.loader_id = loader.status.loader_id
             record.dispatched_at = time.time()
             placements.append(Placement(record, loader, cold))
         return placements
 
     def _choose(self, model: str) -> tuple[LoaderRecord, bool] | None:
+        """Placement: a loader with the model resident; else one on a node whose cache holds
+        it; else the least loaded. None when no loader has a free slot."""
         free = [r for r in self.alive() if r.free > 0]
         if not free:
             return None

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import json
 import os
 import queue
 import threading
@@ -31,12 +30,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cicada_shared.errors import CicadaError, LoadCancelled
+from cicada_weights import cache
 from cicada_weights.checkpoint import CONFIG, INDEX, read_checkpoint
 from cicada_weights.header import Header, TensorEntry
 from cicada_weights.origins import FileOrigin, Origin, open_origin
 from cicada_weights.plan import Piece, PlanOptions, plan_pieces
-
-COMPLETE = ".complete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +140,8 @@ class Fetcher:
         buffer_bytes: per-worker transfer buffer (the only memory the fetcher holds).
         timeout_s: an origin that sends nothing for this long fails the fetch.
         retries: attempts per request on transient origin errors.
+        digests: after each fetch, record the files' digests (in the background), and reuse
+            a cached copy only if its digests still match.
     """
 
     def __init__(
@@ -152,8 +152,10 @@ class Fetcher:
         buffer_bytes: int = 1 << 20,
         timeout_s: float = 30.0,
         retries: int = 2,
+        digests: bool = False,
     ) -> None:
         self.cache_root = cache_root
+        self.digests = digests
         self.timeout_s = timeout_s
         self.retries = retries
         self.workers = workers
@@ -326,7 +328,7 @@ class FetchHandle:
 
     def _prepare(self, origin: Origin) -> Manifest:
         """Read the small files and headers; allocate each cache file at full size."""
-        (self.cache_dir / COMPLETE).unlink(missing_ok=True)
+        (self.cache_dir / cache.COMPLETE).unlink(missing_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         ckpt = read_checkpoint(origin)
         (self.cache_dir / CONFIG).write_bytes(ckpt.raw_config)
@@ -411,30 +413,30 @@ class FetchHandle:
                 return
             self._done.set()
         assert self.manifest is not None
-        marker = {f: h.file_size for f, h in self.manifest.headers.items()}
-        (self.cache_dir / COMPLETE).write_text(json.dumps({"uri": self.uri, "files": marker}))
+        files = {f: {"size": h.file_size} for f, h in self.manifest.headers.items()}
+        cache.write_marker(self.cache_dir, self.uri, files)
         self._emit(FetchDone(self.nbytes, time.perf_counter()))
+        if self.fetcher.digests:  # after the announcement: nobody waits for this
+            threading.Thread(
+                target=cache.add_digests, args=(self.cache_dir,), daemon=True, name="cicada-digest"
+            ).start()
 
     # -- cache reuse ---------------------------------------------------------------------
 
     def _reuse(self) -> Manifest | None:
-        """The cached copy, if a complete one of this URI with the right sizes is there."""
-        try:
-            marker = json.loads((self.cache_dir / COMPLETE).read_text())
-        except (OSError, ValueError):
-            return None
-        sizes = marker.get("files", {})
-        if marker.get("uri") != self.uri or not sizes:
+        """The cached copy, if a complete, intact one of this URI is there."""
+        if cache.read_marker(self.cache_dir) is None:
             return None
         cached = FileOrigin(self.cache_dir)
         try:
             ckpt = read_checkpoint(cached)
-            if {f: h.file_size for f, h in ckpt.headers.items()} != sizes:
-                return None
         except (OSError, CicadaError):
             return None
         finally:
             cached.close()
+        sizes = {f: h.file_size for f, h in ckpt.headers.items()}
+        if not cache.verify(self.cache_dir, self.uri, sizes, digests=self.fetcher.digests):
+            return None
         return Manifest(self.uri, self.cache_dir, ckpt.config, ckpt.headers)
 
     def _announce_cached(self, manifest: Manifest) -> None:

@@ -29,6 +29,7 @@ from cicada_shared.contracts import (
     PieceAnnounced,
 )
 from cicada_shared.settings import MeshSettings
+from cicada_weights import cache
 from cicada_weights.fetcher import (
     FetchDone,
     Fetcher,
@@ -44,6 +45,12 @@ log = structlog.get_logger("cicada.weights")
 
 
 class WeightsSettings(MeshSettings):
+    weights_cache_bytes: int = SettingField(
+        20 << 30, description="Byte budget of the node cache; least recently used copies go."
+    )
+    weights_verify: bool = SettingField(
+        True, description="Record digests after a fetch; reuse a cached copy only if they match."
+    )
     weights_workers: int = SettingField(4, description="Threads copying byte ranges.")
     weights_timeout_s: float = SettingField(30.0, description="An origin silent this long fails.")
     weights_retries: int = SettingField(2, description="Attempts per request on transient errors.")
@@ -74,6 +81,7 @@ class WeightsService:
             workers=settings.weights_workers,
             timeout_s=settings.weights_timeout_s,
             retries=settings.weights_retries,
+            digests=settings.weights_verify,
         )
         self.active: dict[str, SharedFetch] = {}  # by model (the cache key)
         self._outbox: asyncio.Queue[tuple[str, Contract] | None] = asyncio.Queue()
@@ -153,6 +161,7 @@ class WeightsService:
             self._announce(request, event, shared.started)
         if isinstance(event, FetchDone | FetchFailed) and self.active.get(model) is shared:
             del self.active[model]
+            asyncio.get_running_loop().run_in_executor(None, self._evict, model)
             outcome = "done" if isinstance(event, FetchDone) else f"failed: {event.error}"
             log.info(
                 "fetch_ended",
@@ -161,6 +170,13 @@ class WeightsService:
                 seconds=round(event.at - shared.started, 4),
                 bytes=getattr(event, "nbytes", None),
             )
+
+    def _evict(self, just_used: str) -> None:
+        keep = {just_used, *self.active}
+        for name in cache.evict(
+            self.fetcher.cache_root, self.settings.weights_cache_bytes, keep=keep
+        ):
+            log.info("cache_evicted", model=name, budget=self.settings.weights_cache_bytes)
 
     def _announce(self, request: FetchRequest, event: FetchEvent, started: float) -> None:
         fetch_id = request.fetch_id

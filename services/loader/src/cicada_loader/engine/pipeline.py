@@ -109,6 +109,7 @@ class PipelinedColdStart:
         reuse_cache: bool,
         priority: int = 0,
         plan: PlanOptions | None = None,
+        before_build: Callable[[int], None] | None = None,
     ) -> None:
         self.uri = uri
         self.inputs = inputs
@@ -120,6 +121,7 @@ class PipelinedColdStart:
         self.reuse_cache = reuse_cache
         self.priority = priority
         self.plan = plan or PlanOptions()
+        self.before_build = before_build  # told the checkpoint's size before memory is taken
         self.timeline = Timeline(variant=variant.name, model=uri, device=str(device))
         self.events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
         self.failure: BaseException | None = None
@@ -166,6 +168,8 @@ class PipelinedColdStart:
     def _build(self, manifest: Manifest) -> tuple[Architecture, Skeleton]:
         """MiniLoader: the skeleton, bound to the checkpoint; uncovered tensors initialised."""
         start = time.perf_counter()
+        if self.before_build is not None:
+            self.before_build(manifest.nbytes)
         arch = resolve(manifest.config)
         model = arch.skeleton(self.device)
         order = self.orders.get(arch, manifest.config)
@@ -369,6 +373,11 @@ class PipelinedColdStart:
             for unit in self.skeleton.units:
                 unit.ready.set()
         self.events.put(None)
+
+    def cancel(self, error: BaseException) -> None:
+        """Stop the cold start (from any thread): the forward pass raises ``error`` at the
+        next unit, the fetch is dropped."""
+        self._fail(error)
 
     def _settle(self, timeout_s: float = 10.0) -> None:
         """After a failure: let the fetch's and our own threads finish before returning."""

@@ -1,0 +1,115 @@
+"""The node-local cache: one directory per model, a replica of its origin files.
+
+A directory is *complete* when its ``.complete`` marker exists: the origin URI, each file's
+size and (once computed, after the fetch) its digest. A complete copy is reused only if its
+sizes match and, when asked, its digests do; the marker's mtime is its last use, and the
+least recently used copies are evicted when the cache outgrows its byte budget. Deleting a
+file a loader still maps is safe: the mapping keeps the old inode alive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+COMPLETE = ".complete"
+#: The digest is SHA-256 over the SHA-256 of each 64 MiB chunk, so both cores can hash.
+CHUNK = 64 << 20
+
+
+def digest(path: Path, *, threads: int = 2) -> str:
+    """Chunked SHA-256 of ``path`` (hashlib releases the GIL, so chunks hash in parallel)."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+
+    def chunk(offset: int) -> bytes:
+        h = hashlib.sha256()
+        view_end = min(size, offset + CHUNK)
+        pos = offset
+        while pos < view_end:
+            data = os.pread(fd, min(8 << 20, view_end - pos), pos)
+            if not data:
+                break
+            h.update(data)
+            pos += len(data)
+        return h.digest()
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(chunk, range(0, max(size, 1), CHUNK)))
+    finally:
+        os.close(fd)
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((directory / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def write_marker(directory: Path, uri: str, files: dict[str, dict[str, Any]]) -> None:
+    tmp = directory / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps({"uri": uri, "files": files}))
+    tmp.replace(directory / COMPLETE)
+
+
+def add_digests(directory: Path) -> None:
+    """Compute and record the digest of every file of a complete copy."""
+    marker = read_marker(directory)
+    if marker is None:
+        return
+    files = {
+        name: {**info, "sha256": digest(directory / name)} for name, info in marker["files"].items()
+    }
+    write_marker(directory, marker["uri"], files)
+
+
+def verify(directory: Path, uri: str, sizes: dict[str, int], *, digests: bool) -> bool:
+    """Is this a complete, intact copy of ``uri``? Marks it used when it is."""
+    marker = read_marker(directory)
+    if marker is None or marker.get("uri") != uri:
+        return False
+    files = marker.get("files", {})
+    if {name: info.get("size") for name, info in files.items()} != sizes:
+        return False
+    if digests:
+        for name, info in files.items():
+            if "sha256" not in info or digest(directory / name) != info["sha256"]:
+                return False
+    os.utime(directory / COMPLETE)
+    return True
+
+
+def size_of(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def evict(root: Path, budget_bytes: int, *, keep: set[str]) -> list[str]:
+    """Delete the least recently used copies until the cache fits ``budget_bytes``."""
+    if not root.is_dir():
+        return []
+    entries = []
+    for directory in root.iterdir():
+        if directory.is_dir():
+            marker = directory / COMPLETE
+            used = marker.stat().st_mtime if marker.exists() else directory.stat().st_mtime
+            entries.append((used, directory, size_of(directory)))
+    total = sum(size for _, _, size in entries)
+    evicted = []
+    for _, directory, size in sorted(entries, key=lambda e: e[0]):
+        if total <= budget_bytes:
+            break
+        if directory.name in keep:
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        total -= size
+        evicted.append(directory.name)
+    return evicted
