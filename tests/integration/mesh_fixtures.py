@@ -55,7 +55,7 @@ def start_mesh(
         pytest.fail(f"the mesh tests need RabbitMQ: {exc}")
     names = Names(f"test-{uuid.uuid4().hex[:10]}")
     models_dir = tmp / "models"
-    models_dir.mkdir()
+    models_dir.mkdir(parents=True)
     for name, src in models.items():
         shutil.copytree(src, models_dir / name)
     cache_dir = tmp / "cache"

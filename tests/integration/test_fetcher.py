@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,58 @@ def test_stalled_origin_times_out(
     failed = [e for e in events if isinstance(e, FetchFailed)]
     assert len(failed) == 1 and isinstance(failed[0].error, OriginTimeout)
     assert not any(isinstance(e, FetchDone) for e in events)
+
+
+def test_urgent_fetch_overtakes_a_running_one_at_the_next_range(
+    checkpoints: Callable[..., Path], http_origin: Callable[..., str], tmp_path: Path
+) -> None:
+    """A large background fetch yields, range by range, to an urgent one; then resumes."""
+    root = tmp_path / "origin"
+    shutil.copytree(checkpoints("gpt2"), root / "background")
+    shutil.copytree(checkpoints("bert-base"), root / "urgent")
+    url = http_origin(root, bandwidth=2e6)
+    plan = PlanOptions(piece_bytes=32 * 1024, range_bytes=32 * 1024)
+    log: list[tuple[str, Any]] = []
+    first_pieces = threading.Event()
+
+    def listener(tag: str) -> Callable[[Any], None]:
+        def on(event: Any) -> None:
+            log.append((tag, event))
+            if (
+                tag == "background"
+                and sum(1 for t, e in log if t == tag and isinstance(e, PieceLanded)) >= 3
+            ):
+                first_pieces.set()
+
+        return on
+
+    with Fetcher(tmp_path / "cache", workers=2) as fetcher:
+        background = fetcher.fetch(
+            f"{url}/background",
+            listener("background"),
+            options=FetchOptions(plan=plan, priority=0, reuse_cache=False),
+        )
+        assert first_pieces.wait(30)
+        urgent = fetcher.fetch(
+            f"{url}/urgent",
+            listener("urgent"),
+            options=FetchOptions(plan=plan, priority=9, reuse_cache=False),
+        )
+        urgent.wait(60)
+        background.wait(60)
+    # its ranges are queued once its headers are read (ManifestReady); count from there
+    urgent_start = next(
+        i for i, (t, e) in enumerate(log) if t == "urgent" and isinstance(e, ManifestReady)
+    )
+    urgent_end = next(
+        i for i, (t, e) in enumerate(log) if t == "urgent" and isinstance(e, FetchDone)
+    )
+    during = [
+        e
+        for t, e in log[urgent_start:urgent_end]
+        if t == "background" and isinstance(e, PieceLanded)
+    ]
+    after = [e for t, e in log[urgent_end:] if t == "background" and isinstance(e, PieceLanded)]
+    assert len(during) <= 2  # only the ranges already in flight when it arrived
+    assert after  # the background fetch resumed, and finished last
+    assert isinstance(log[-1][1], FetchDone) and log[-1][0] == "background"

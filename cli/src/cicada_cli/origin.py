@@ -92,6 +92,8 @@ def make_app(root: Path, bandwidth: float | None) -> web.Application:
                     await bucket.take(n)
                 await resp.write(os.pread(fd, n, offset))
                 offset += n
+        except ConnectionError:  # the client went away (a cancelled fetch): nothing to do
+            pass
         finally:
             os.close(fd)
         return resp

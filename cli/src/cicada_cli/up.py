@@ -52,6 +52,7 @@ class Mesh:
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    _envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -75,9 +76,10 @@ class Mesh:
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 out = (self.log_dir / f"{name}.log").open("ab")
+            self._envs[name] = {**env, **extra}
             proc = subprocess.Popen(
                 [sys.executable, "-m", module],
-                env={**env, **extra},
+                env=self._envs[name],
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
             )
@@ -98,6 +100,26 @@ class Mesh:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"the mesh was not ready within {timeout_s:g}s")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service (a crash, for tests)."""
+        proc = dict(self.procs)[name]
+        proc.kill()
+        proc.wait()
+
+    def respawn(self, name: str) -> None:
+        """Start a service again with the environment it had."""
+        index = next(i for i, (n, _) in enumerate(self.procs) if n == name)
+        old = self.procs[index][1]
+        out = None
+        if self.log_dir is not None:
+            out = (self.log_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            old.args, env=self._envs[name], stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+        if out is not None:
+            out.close()
+        self.procs[index] = (name, proc)
 
     def check_alive(self) -> None:
         for name, proc in self.procs:

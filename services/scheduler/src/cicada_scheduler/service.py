@@ -75,7 +75,9 @@ class SchedulerService:
         await self.bus.consume(inbox, self.handlers.on_inbox)
         await self.bus.consume(rpc, self.handlers.on_rpc)
         await self.handlers.register_directory(self.settings.models_dir)
-        await self.bus.consume(jobs, self.handlers.on_job, on_poison=self.handlers.on_poison_job)
+        await self.bus.consume(
+            jobs, self.handlers.on_job, on_poison=self.handlers.on_poison_job, manual=True
+        )
         self._tick = asyncio.create_task(self._ticker())
 
     async def stop(self) -> None:

@@ -248,7 +248,8 @@ class FetchHandle:
     manifest: Manifest | None = None
     error: BaseException | None = None
     nbytes: int = 0
-    _done: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)  # no more work
+    _ended: threading.Event = field(default_factory=threading.Event)  # last event emitted
     _lock: threading.Condition = field(default_factory=threading.Condition)
     _origin: Origin | None = None
     _fds: dict[str, int] = field(default_factory=dict)
@@ -266,7 +267,7 @@ class FetchHandle:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the fetch ends; raise its error if it failed."""
-        if not self._done.wait(timeout):
+        if not self._ended.wait(timeout):
             raise TimeoutError(f"fetch of {self.uri} still running after {timeout}s")
         if self.error is not None:
             raise self.error
@@ -386,7 +387,9 @@ class FetchHandle:
                 state.started = time.perf_counter()
             fd = self._fds[task.piece.file]
             assert self._origin is not None
-            self._origin.copy_range(task.piece.file, task.start, task.end, fd, buf)
+            self._origin.copy_range(
+                task.piece.file, task.start, task.end, fd, buf, stop=lambda: self.error is not None
+            )
         except BaseException as exc:
             self._fail(exc)
             return
@@ -416,6 +419,7 @@ class FetchHandle:
         files = {f: {"size": h.file_size} for f, h in self.manifest.headers.items()}
         cache.write_marker(self.cache_dir, self.uri, files)
         self._emit(FetchDone(self.nbytes, time.perf_counter()))
+        self._ended.set()
         if self.fetcher.digests:  # after the announcement: nobody waits for this
             threading.Thread(
                 target=cache.add_digests, args=(self.cache_dir,), daemon=True, name="cicada-digest"
@@ -448,6 +452,7 @@ class FetchHandle:
             self._emit(PieceLanded(piece, now, now))
         self._done.set()
         self._emit(FetchDone(0, time.perf_counter()))
+        self._ended.set()
 
     # -- endings -------------------------------------------------------------------------
 
@@ -462,6 +467,7 @@ class FetchHandle:
         if idle:
             self._close()
         self._emit(FetchFailed(error, time.perf_counter()))
+        self._ended.set()
 
     def _close(self) -> None:
         """Close the cache files and the origin (once no thread can still use them)."""

@@ -42,8 +42,8 @@ DTYPE_SIZES: dict[str, int] = {
 
 #: The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
-#: How many bytes to ask for first: enough for the length and most headers.
-PREFIX_BYTES = 256 * 1024
+#: How many bytes to ask for first: the length and most headers (GPT-2's is 15 kB).
+PREFIX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)

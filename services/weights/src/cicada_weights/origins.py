@@ -18,10 +18,23 @@ import urllib3
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 from urllib3.util import Retry, Timeout
 
-from cicada_shared.errors import OriginError, OriginTimeout
+from cicada_shared.errors import LoadCancelled, OriginError, OriginTimeout
 
 #: Receives ``(absolute offset, bytes)`` for each slice of a range as it arrives.
 Sink = Callable[[int, memoryview], None]
+
+
+#: Largest single socket read: readinto waits until it is full, and a stop request is only
+#: noticed between reads.
+HTTP_CHUNK = 256 * 1024
+
+#: Asked between chunks of a copy; True abandons it.
+Stop = Callable[[], bool] | None
+
+
+def _check(stop: Stop) -> None:
+    if stop is not None and stop():
+        raise LoadCancelled("copy abandoned: the fetch ended")
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -48,10 +61,13 @@ class Origin(Protocol):
         """Read a whole small file, or None when it does not exist."""
         ...
 
-    def copy_range(self, name: str, start: int, end: int, dst: int, buf: bytearray) -> None:
+    def copy_range(
+        self, name: str, start: int, end: int, dst: int, buf: bytearray, stop: Stop = None
+    ) -> None:
         """Copy bytes ``[start, end)`` of ``name`` to the same offsets of file ``dst``.
 
-        ``buf`` is scratch space for origins that cannot copy inside the kernel.
+        ``buf`` is scratch space; ``stop``, checked between chunks, abandons the copy (raising
+        ``LoadCancelled``) when it returns True.
         """
         ...
 
@@ -102,11 +118,14 @@ class FileOrigin:
         path = self.root / name
         return path.read_bytes() if path.is_file() else None
 
-    def copy_range(self, name: str, start: int, end: int, dst: int, buf: bytearray) -> None:
+    def copy_range(
+        self, name: str, start: int, end: int, dst: int, buf: bytearray, stop: Stop = None
+    ) -> None:
         # read + write through one buffer: measured faster here than copy_file_range,
         # for the copy itself and for the cold start around it
         src, offset = self._fd(name), start
         while offset < end:
+            _check(stop)
             view = memoryview(buf)[: min(len(buf), end - offset)]
             n = os.preadv(src, [view], offset)
             pwrite_all(dst, view[:n], offset)
@@ -207,8 +226,14 @@ class HttpOrigin:
         except (ProtocolError, HTTPError) as exc:
             raise OriginError(f"transfer failed: {exc}", url=self._file_url(name)) from exc
 
-    def copy_range(self, name: str, start: int, end: int, dst: int, buf: bytearray) -> None:
-        self._stream(name, start, end, lambda off, data: pwrite_all(dst, data, off), buf)
+    def copy_range(
+        self, name: str, start: int, end: int, dst: int, buf: bytearray, stop: Stop = None
+    ) -> None:
+        def sink(offset: int, data: memoryview) -> None:
+            _check(stop)
+            pwrite_all(dst, data, offset)
+
+        self._stream(name, start, end, sink, buf)
 
     def _stream(self, name: str, start: int, end: int, sink: Sink, buf: bytearray) -> None:
         """GET ``[start, end)``, handing each slice to ``sink``; resumes after a dropped read."""
@@ -217,7 +242,7 @@ class HttpOrigin:
             resp, done = self._ranged(name, offset, end), False
             try:
                 while offset < end:
-                    n = resp.readinto(view[: min(len(buf), end - offset)])
+                    n = resp.readinto(view[: min(len(buf), end - offset, HTTP_CHUNK)])
                     if n == 0:
                         raise ProtocolError(f"connection closed at byte {offset} of {end}")
                     sink(offset, view[:n])

@@ -154,6 +154,12 @@ class WeightsService:
                 if shared.handle is not None:
                     shared.handle.cancel()
                 self.active.pop(model, None)
+                log.info(
+                    "fetch_dropped",
+                    model=model,
+                    fetch_id=fetch_id,
+                    reason="cancelled, and no other loader waits for it",
+                )
 
     def _on_event(self, model: str, shared: SharedFetch, event: FetchEvent) -> None:
         shared.history.append(event)

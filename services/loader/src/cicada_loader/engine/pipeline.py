@@ -179,6 +179,7 @@ class PipelinedColdStart:
         )
         arch.init_uncovered(model, skeleton.covered)
         self.skeleton = skeleton
+        self._raise_failure()  # cancelled while building
         end = time.perf_counter()
         self.timeline.phase("skeleton", start, end)
         self.timeline.nbytes = manifest.nbytes
@@ -242,6 +243,7 @@ class PipelinedColdStart:
                 return event.manifest
             if isinstance(event, FetchFailed):
                 raise event.error
+            self._raise_failure()  # cancelled while waiting
 
     def _applier(self, skeleton: Skeleton, manifest: Manifest) -> Applier:
         views = CacheViews(manifest)
@@ -416,8 +418,12 @@ def gate_hooks(
         ) -> None:
             if not unit.ready.is_set():
                 waited = time.perf_counter()
-                if not unit.ready.wait(timeout_s):
-                    raise LoadTimeout(f"unit {unit.name!r} waited {timeout_s:g}s for its weights")
+                while not unit.ready.wait(0.05):  # wake now and then: a failure may be waiting
+                    check()
+                    if time.perf_counter() - waited > timeout_s:
+                        raise LoadTimeout(
+                            f"unit {unit.name!r} waited {timeout_s:g}s for its weights"
+                        )
                 times.wait_s += time.perf_counter() - waited
             check()
             if unit.cuda_event is not None:
