@@ -65,3 +65,25 @@ def test_bench_coldstart_writes_the_documented_json(
     )
     assert drawn.exit_code == 0, drawn.output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_priority_writes_the_documented_json(
+    checkpoints: Callable[..., Path], tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    for name in ("gpt2", "bert-base"):
+        shutil.copytree(checkpoints(name), models / name)
+    out, picture = tmp_path / "prio.json", tmp_path / "prio.png"
+    result = CliRunner().invoke(app, [
+        "bench", "priority", "--low-models", "gpt2,bert-base", "--models-dir", str(models),
+        "--duration", "3", "--rate", "20", "--interval", "0.5", "--seq-len", "4",
+        "--json", str(out), "--plot", str(picture), "--work-dir", str(tmp_path / "work"),
+    ])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["idle_high_s"] > 0 and doc["service_time_s"] > 0
+    for mode in ("priority", "fifo"):
+        for cls in ("high", "low"):
+            assert 0 < doc[mode][cls]["p50_s"] <= doc[mode][cls]["p99_s"]
+        assert doc[mode]["low"]["failed"] == 0
+    assert picture.read_bytes()[:4] == b"\x89PNG"

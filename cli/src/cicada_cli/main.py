@@ -210,6 +210,65 @@ def bench_mesh(
     )
 
 
+@bench.command("priority")
+def bench_priority(
+    low_models: Annotated[str, typer.Option(help="Zoo models of the background stream.")] = (
+        "gpt2,bert-base,gpt2-medium"
+    ),
+    models_dir: Annotated[Path, typer.Option(help="Checkpoints; missing ones are written.")] = Path(
+        "models"
+    ),
+    duration: Annotated[float, typer.Option(help="Seconds of load per run.")] = 30.0,
+    rate: Annotated[float, typer.Option(help="Background jobs per second (Poisson).")] = 6.0,
+    interval: Annotated[float, typer.Option(help="Seconds between urgent requests.")] = 1.0,
+    seq_len: Annotated[int, typer.Option(help="Tokens per request.")] = 32,
+    memory_bytes: Annotated[
+        int, typer.Option(help="Loader memory budget (forces evictions, hence cold starts).")
+    ] = 2_200_000_000,
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write results.")] = Path(
+        "bench-priority.json"
+    ),
+    plot: Annotated[Path | None, typer.Option(help="Latency-over-time picture.")] = None,
+    work_dir: Annotated[Path, typer.Option(help="Scratch space.")] = Path("bench-out/priority"),
+) -> None:
+    """Urgent requests (priority 9, a tiny model) under saturating background load (priority 0),
+    with priorities and with strict arrival order."""
+    from cicada_cli.bench.coldstart import ensure_checkpoints
+    from cicada_cli.bench.priority import plot_priority, run_priority_bench
+    from cicada_loader.demo import ensure_demo
+
+    lows = _split(low_models)
+    ensure_checkpoints(lows, models_dir, console)
+    urgent = work_dir / "tiny" / "tiny-gpt2"
+    ensure_demo(urgent)
+    result = run_priority_bench(
+        high_model=urgent,
+        low_models=[models_dir / m for m in lows],
+        work_dir=work_dir,
+        duration_s=duration,
+        rate=rate,
+        interval_s=interval,
+        seq_len=seq_len,
+        memory_bytes=memory_bytes,
+        console=console,
+    )
+    json_path.write_text(json.dumps(result, indent=1))
+    if plot is not None:
+        plot_priority(result, plot)
+    for mode in ("priority", "fifo"):
+        h, lo = result[mode]["high"], result[mode]["low"]
+        print(
+            f"{mode:8s} high p50 {h['p50_s']:.3f} s p99 {h['p99_s']:.3f} s | low p50 "
+            f"{lo['p50_s']:.2f} s p99 {lo['p99_s']:.2f} s ({lo['n']} jobs, "
+            f"{lo['cold_starts']} cold)"
+        )
+    print(
+        f"idle high {result['idle_high_s']:.3f} s, service time (p99) "
+        f"{result['service_time_s']:.3f} s → target high p99 ≤ {result['target_s']:.3f} s: "
+        f"{'met' if result['met'] else 'MISSED'}"
+    )
+
+
 @bench.command("table")
 def bench_table(json_path: Annotated[Path, typer.Argument(help="A bench coldstart JSON.")]) -> None:
     """Print the markdown table of a cold-start benchmark's results."""
