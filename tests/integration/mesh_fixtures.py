@@ -4,7 +4,6 @@ namespace of their own, with tiny real checkpoints; removed from the broker afte
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -15,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 
 from cicada_cli.up import Mesh, check_broker
-from cicada_shared.topology import Names
+from cicada_shared.topology import Names, purge
 
 AMQP_URL = os.environ.get("CICADA_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 
@@ -96,27 +94,7 @@ def wait_models_ready(url: str, models: list[str], timeout_s: float = 60) -> Non
 
 def stop_mesh(running: RunningMesh) -> None:
     running.mesh.stop()
-    asyncio.run(delete_namespace(running.names))
-
-
-async def delete_namespace(names: Names) -> None:
-    """Remove the durable queues and exchanges a test mesh declared."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        for queue in (
-            names.jobs_queue,
-            names.scheduler_inbox,
-            names.scheduler_rpc,
-            names.dead_queue,
-            names.weights_queue(socket.gethostname()),
-        ):
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.queue_delete(queue)
-        for exchange in (names.jobs_exchange, names.direct_exchange, names.dead_letter_exchange):
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.exchange_delete(exchange)
+    asyncio.run(purge(AMQP_URL, running.names, [socket.gethostname()]))
 
 
 def infer_body(

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cicada_cli.main import app
@@ -74,11 +75,31 @@ def test_bench_priority_writes_the_documented_json(
     for name in ("gpt2", "bert-base"):
         shutil.copytree(checkpoints(name), models / name)
     out, picture = tmp_path / "prio.json", tmp_path / "prio.png"
-    result = CliRunner().invoke(app, [
-        "bench", "priority", "--low-models", "gpt2,bert-base", "--models-dir", str(models),
-        "--duration", "3", "--rate", "20", "--interval", "0.5", "--seq-len", "4",
-        "--json", str(out), "--plot", str(picture), "--work-dir", str(tmp_path / "work"),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "priority",
+            "--low-models",
+            "gpt2,bert-base",
+            "--models-dir",
+            str(models),
+            "--duration",
+            "3",
+            "--rate",
+            "20",
+            "--interval",
+            "0.5",
+            "--seq-len",
+            "4",
+            "--json",
+            str(out),
+            "--plot",
+            str(picture),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["idle_high_s"] > 0 and doc["service_time_s"] > 0
@@ -87,3 +108,10 @@ def test_bench_priority_writes_the_documented_json(
             assert 0 < doc[mode][cls]["p50_s"] <= doc[mode][cls]["p99_s"]
         assert doc[mode]["low"]["failed"] == 0
     assert picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_up_says_clearly_when_rabbitmq_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CICADA_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")
+    result = CliRunner().invoke(app, ["up", "--no-demo"])
+    assert result.exit_code == 2
+    assert "RabbitMQ is unreachable at 127.0.0.1:1" in result.output

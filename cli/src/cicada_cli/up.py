@@ -8,6 +8,7 @@ broker under the same namespace. Ctrl-C (or SIGTERM) stops them all, gracefully 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
+
+from cicada_shared.topology import Names, purge
 
 SERVICES = ("cicada_scheduler", "cicada_weights", "cicada_loader", "cicada_gateway")
 
@@ -139,6 +142,13 @@ class Mesh:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+
+    def purge(self) -> None:
+        """Remove this mesh's durable queues and exchanges from the broker."""
+        env = {**os.environ, **self.env}
+        names = Names(env.get("CICADA_NAMESPACE", "cicada"))
+        url = env.get("CICADA_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+        asyncio.run(purge(url, names, [env.get("CICADA_NODE", socket.gethostname())]))
 
     def wait(self) -> int:
         """Block until a process exits or a signal arrives; then stop all."""

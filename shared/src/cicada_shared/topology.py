@@ -11,6 +11,7 @@ or test runs, can share one broker without meeting.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,3 +121,19 @@ class Topology:
         )
         await queue.bind(self.direct, name)
         return queue
+
+
+async def purge(url: str, names: Names, nodes: list[str]) -> None:
+    """Delete a mesh's durable queues and exchanges (a test or benchmark namespace)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        queues = [names.jobs_queue, names.scheduler_inbox, names.scheduler_rpc, names.dead_queue]
+        queues += [names.weights_queue(node) for node in nodes]
+        for queue in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.queue_delete(queue)
+        for exchange in (names.jobs_exchange, names.direct_exchange, names.dead_letter_exchange):
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.exchange_delete(exchange)

@@ -102,6 +102,7 @@ def run_mesh_bench(
             out["throughput"] = _throughput(http, tiny_dir, throughput_s, clients, console)
     finally:
         mesh.stop()
+        mesh.purge()
     return out
 
 

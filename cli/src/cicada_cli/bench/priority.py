@@ -131,6 +131,7 @@ def _one_run(
             return result
     finally:
         mesh.stop()
+        mesh.purge()
 
 
 def _load(
