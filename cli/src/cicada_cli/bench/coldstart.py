@@ -109,16 +109,18 @@ def ensure_checkpoints(models: list[str], models_dir: Path, console: Console) ->
         )
 
 
-def _worker(
+def run_worker(
     mode: str,
     uri: str,
     origin_dir: Path,
-    spec: OriginSpec,
     work: Path,
-    variant: str,
-    seq_len: int,
-    device: str,
+    *,
+    variant: str = "cicada",
+    seq_len: int = 64,
+    device: str = "cpu",
+    cold: bool = False,
 ) -> dict[str, Any]:
+    """One measurement in a fresh worker process; ``{"error": ...}`` if it failed."""
     os.sync()  # every run starts with no dirty pages from the last one
     cmd = [
         sys.executable,
@@ -140,7 +142,7 @@ def _worker(
         "--device",
         device,
     ]
-    if spec.cold:
+    if cold:
         cmd.append("--cold")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -190,7 +192,16 @@ def run_coldstart(
                         )
                         mode = "bound" if name == "bound" else "run"
                         runs[name].append(
-                            _worker(mode, uri, origin_dir, spec, work_dir, name, seq_len, device)
+                            run_worker(
+                                mode,
+                                uri,
+                                origin_dir,
+                                work_dir,
+                                variant=name,
+                                seq_len=seq_len,
+                                device=device,
+                                cold=spec.cold,
+                            )
                         )
                         bar.advance(task)
                 results.append(summarise(model, spec.label, runs, variants))

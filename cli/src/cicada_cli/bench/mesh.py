@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +24,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from cicada_cli.bench.coldstart import run_worker
 from cicada_cli.up import Mesh
 
 
@@ -44,25 +43,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _worker(mode: str, model_dir: Path, work: Path, seq_len: int) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "cicada_cli.bench.worker",
-        mode,
-        "--uri",
-        str(model_dir),
-        "--origin-dir",
-        str(model_dir),
-        "--cache",
-        str(work / f"cache-{uuid.uuid4().hex}"),
-        "--orders",
-        str(work / "orders"),
-        "--seq-len",
-        str(seq_len),
-    ]
-    os.sync()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    result = run_worker(mode, str(model_dir), model_dir, work, seq_len=seq_len)
+    if "error" in result:
+        raise RuntimeError(f"{mode} worker failed: {result['error']}")
+    return result
 
 
 def run_mesh_bench(

@@ -7,12 +7,17 @@ config, one for the index and one or two per shard header.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from cicada_shared.errors import CheckpointError, HeaderError
-from cicada_weights.header import PREFIX_BYTES, Header, header_length, parse_header
+from cicada_weights.header import (
+    PREFIX_BYTES,
+    Header,
+    header_length,
+    json_object,
+    parse_header,
+)
 from cicada_weights.origins import Origin
 
 CONFIG = "config.json"
@@ -82,14 +87,3 @@ def _check_index(weight_map: dict[str, str], headers: dict[str, Header]) -> None
                 file=INDEX,
                 tensor=tensor,
             )
-
-
-def json_object(raw: bytes, file: str) -> dict[str, Any]:
-    """Parse ``raw`` as a JSON object, or raise ``HeaderError`` naming ``file``."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"not valid JSON: {exc}", file=file) from exc
-    if not isinstance(doc, dict):
-        raise HeaderError("not a JSON object", file=file)
-    return doc

@@ -13,6 +13,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from cicada_shared.errors import (
     DtypeShapeMismatch,
@@ -96,12 +97,7 @@ def header_length(prefix: bytes, *, file: str, file_size: int) -> int:
 
 def parse_header(raw: bytes, *, file: str, file_size: int) -> Header:
     """Parse the JSON header ``raw`` (without the 8-byte length) and check every entry."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"header is not valid JSON: {exc}", file=file) from exc
-    if not isinstance(doc, dict):
-        raise HeaderError("header is not a JSON object", file=file)
+    doc = json_object(raw, file)
     data_start = 8 + len(raw)
     data_len = file_size - data_start
     metadata = _metadata(doc.pop("__metadata__", {}), file)
@@ -184,3 +180,14 @@ def _check_layout(
         file=file,
         tensor=beyond.name,
     )
+
+
+def json_object(raw: bytes, file: str) -> dict[str, Any]:
+    """Parse ``raw`` as a JSON object, or raise ``HeaderError`` naming ``file``."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"not valid JSON: {exc}", file=file) from exc
+    if not isinstance(doc, dict):
+        raise HeaderError("not a JSON object", file=file)
+    return doc
