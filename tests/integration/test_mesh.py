@@ -19,7 +19,7 @@ import transformers
 
 from cicada_shared.contracts import CONTENT_TYPE, InferJob, JobResult, Tensor, decode, encode
 from cicada_shared.topology import JOB_ROUTING_KEY
-from tests.integration.mesh_fixtures import AMQP_URL, RunningMesh, infer_body
+from tests.integration.mesh_fixtures import AMQP_URL, RunningMesh, infer_body, logs
 
 IDS = [[5, 17, 42, 7, 99, 3]]
 
@@ -343,3 +343,84 @@ async def _next(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncom
             await message.ack()
             return message
     raise AssertionError("no message")
+
+
+def test_a_vanished_reply_queue_does_not_lose_the_job(mesh: RunningMesh) -> None:
+    """A client that publishes with reply_to and goes away: the job still completes."""
+    job_id = uuid.uuid4().hex
+
+    async def publish() -> int:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            dead = await channel.declare_queue(mesh.names.dead_queue, durable=True, passive=True)
+            exchange = await channel.get_exchange(mesh.names.jobs_exchange)
+            job = InferJob(
+                job_id=job_id,
+                model="tiny-gpt2",
+                submitted_at=time.time(),
+                inputs=[
+                    Tensor(
+                        name="input_ids",
+                        datatype="INT64",
+                        shape=[1, 6],
+                        data=torch.tensor(IDS).numpy().tobytes(),
+                    )
+                ],
+            )
+            await exchange.publish(
+                aio_pika.Message(
+                    encode(job),
+                    content_type=CONTENT_TYPE,
+                    reply_to=f"gone-{uuid.uuid4().hex}",
+                    correlation_id=job_id,
+                ),
+                routing_key=JOB_ROUTING_KEY,
+            )
+            return dead.declaration_result.message_count or 0
+
+    dead_before = asyncio.run(publish())
+    with mesh.client() as http:
+        deadline = time.monotonic() + 30
+        while http.get(f"/v2/jobs/{job_id}").json().get("state") != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    async def dead_count() -> int:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            dead = await channel.declare_queue(mesh.names.dead_queue, durable=True, passive=True)
+            return dead.declaration_result.message_count or 0
+
+    assert asyncio.run(dead_count()) == dead_before
+
+
+def test_two_cold_starts_of_one_model_share_one_download(
+    mesh: RunningMesh, http_origin: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "origin"
+    shutil.copytree(mesh.models_dir / "tiny-gpt2", root / "m")
+    url = http_origin(root, bandwidth=1e6)  # ~0.7 s: both cold starts overlap
+    name = f"shared-{uuid.uuid4().hex[:6]}"
+    body = infer_body("input_ids", IDS, [1, 6])
+    with mesh.client() as http:
+        assert (
+            http.post(f"/v2/repository/models/{name}", json={"uri": f"{url}/m"}).status_code == 200
+        )
+        deadline = time.monotonic() + 30
+        while http.get(f"/v2/models/{name}/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with ThreadPoolExecutor(2) as pool:
+            results = list(
+                pool.map(
+                    lambda _: http.post(f"/v2/models/{name}/infer", json=body).json(), range(2)
+                )
+            )
+    assert [r["parameters"]["cold_start"] for r in results] == [True, True]
+    assert len({r["parameters"]["loader"] for r in results}) == 2
+    assert results[0]["outputs"] == results[1]["outputs"]
+    events = [e for e in logs(mesh, "weights") if e.get("model") == name]
+    assert [e["event"] for e in events].count("fetch_started") == 1
+    assert [e["event"] for e in events].count("fetch_joined") == 1
