@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cicada_gateway.metrics import Metrics
 from cicada_gateway.protocol import (
     BadRequest,
+    FastJSON,
     InferenceRequest,
     RegisterBody,
     number_param,
@@ -140,6 +141,30 @@ class Mesh:
             self.accepted.popitem(last=False)
 
 
+class CountRequests:
+    """Counts requests by route template and status (pure ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, status[0]).inc()
+
+
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes with 413, by header or as they stream in."""
 
@@ -207,14 +232,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.gateway_max_body_bytes)
     app.state.mesh, app.state.metrics = mesh, metrics
 
-    @app.middleware("http")
-    async def count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), response.status_code).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -291,9 +309,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(
-        name: str, body: InferenceRequest, version: str | None = None
-    ) -> dict[str, Any]:
+    async def infer(name: str, body: InferenceRequest, version: str | None = None) -> JSONResponse:
         """Run the model and wait for the result (a cold start if it is not resident)."""
         if version not in (None, "1"):
             raise ApiError(404, f"model {name!r} has no version {version!r} (only '1')")
@@ -311,13 +327,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise ApiError(409, f"job {job.job_id} was cancelled")
         if result.error is not None:
             raise fail(result.error)
-        return {
-            "model_name": name,
-            "model_version": "1",
-            "id": body.id or job.job_id,
-            "parameters": _summary(result),
-            "outputs": [to_json(t) for t in result.outputs],
-        }
+        return FastJSON(
+            {
+                "model_name": name,
+                "model_version": "1",
+                "id": body.id or job.job_id,
+                "parameters": _summary(result),
+                "outputs": [to_json(t) for t in result.outputs],
+            }
+        )
 
     @app.post("/v2/models/{name}/jobs", status_code=202)
     @app.post("/v2/models/{name}/versions/{version}/jobs", status_code=202)
@@ -333,7 +351,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return {"id": job.job_id, "model": name, "state": "queued"}
 
     @app.get("/v2/jobs/{job_id}")
-    async def job_status(job_id: str) -> dict[str, Any]:
+    async def job_status(job_id: str) -> Response:
         reply = await mesh.call(GetJob(job_id=job_id))
         if (
             not reply.ok
@@ -341,10 +359,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             and reply.error
             and (reply.error.kind == "UnknownJob")
         ):
-            return {"id": job_id, "state": "queued"}  # on its way to the scheduler
+            return FastJSON({"id": job_id, "state": "queued"})  # on its way to the scheduler
         doc = _data(reply)
         doc["outputs"] = [to_json(Tensor(**t)) for t in doc.get("outputs", [])]
-        return doc
+        return FastJSON(doc)
 
     @app.delete("/v2/jobs/{job_id}")
     async def cancel(job_id: str) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cicada_shared.contracts import DATATYPES, PRIORITY_MAX, PRIORITY_MIN, Tensor
@@ -145,13 +147,16 @@ def _encode(values: np.ndarray[Any, Any], datatype: str) -> bytes:
 
 
 def to_json(tensor: Tensor) -> dict[str, Any]:
-    """A raw-byte tensor as an Open Inference Protocol output (flat, row-major data)."""
+    """A raw-byte tensor as an Open Inference Protocol output (flat, row-major data; a numpy
+    array, which ``FastJSON`` writes without a Python object per element)."""
     values = np.frombuffer(tensor.data, dtype=NUMPY_OF[tensor.datatype])
     if tensor.datatype == "BF16":
         values = (values.astype("<u4") << 16).view("<f4")
-    return {
-        "name": tensor.name,
-        "datatype": tensor.datatype,
-        "shape": tensor.shape,
-        "data": values.tolist(),
-    }
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape, "data": values}
+
+
+class FastJSON(JSONResponse):
+    """JSON responses by orjson: numpy arrays natively, floats ten times faster than json."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

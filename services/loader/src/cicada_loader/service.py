@@ -108,6 +108,7 @@ class LoaderService:
         self.inflight = InFlight()
         self.device = torch.device(settings.loader_device)
         self._heartbeat: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -246,11 +247,11 @@ class LoaderService:
             resident = self.residency.get(job.model)
             cold = resident is None
             if resident is None:
-                await self._progress(job.job_id, "loading")
+                self._progress(job.job_id, "loading")
                 resident, outputs, timeline = await self._cold(request, inputs, scope)
                 compute_s = timeline.get("exec_busy_s")
             else:
-                await self._progress(job.job_id, "running")
+                self._progress(job.job_id, "running")
                 outputs, compute_s = await asyncio.to_thread(self._warm, resident, inputs, scope)
                 timeline = {}
             chosen = select(outputs, job.outputs)
@@ -353,12 +354,19 @@ class LoaderService:
             resident.in_use -= 1
             resident.last_used = time.time()
 
-    async def _progress(self, job_id: str, state: JobState) -> None:
-        with contextlib.suppress(Exception):
-            await self.bus.publish(
-                JobProgress(job_id=job_id, state=state, loader_id=self.id),
-                self.names.scheduler_inbox,
-            )
+    def _progress(self, job_id: str, state: JobState) -> None:
+        """Tell the scheduler, without making the job wait for the broker's confirm."""
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await self.bus.publish(
+                    JobProgress(job_id=job_id, state=state, loader_id=self.id),
+                    self.names.scheduler_inbox,
+                )
+
+        task = asyncio.create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def prepare(self, request: PrepareModel) -> ModelPrepared:
         """Execution order and metadata of a model, from its config and headers only."""

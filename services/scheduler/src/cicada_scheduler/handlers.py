@@ -78,9 +78,9 @@ class Handlers:
             await self._finish_now(job, incoming.reply_to, refusal)
             await incoming.ack()
             return
+        # not stored yet: until dispatch its unacked message is the durable copy
         record = JobRecord(job, incoming.reply_to, settle=incoming)
         self.state.accept(record)
-        self.store.save_job(record)
         log.info("job_accepted", job_id=job.job_id, model=job.model, priority=job.priority)
         await self.dispatch()
 

@@ -9,10 +9,12 @@ file a loader still maps is safe: the mapping keeps the old inode alive.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,12 @@ def write_marker(directory: Path, uri: str, files: dict[str, dict[str, Any]]) ->
 
 
 def add_digests(directory: Path) -> None:
-    """Compute and record the digest of every file of a complete copy."""
+    """Compute and record the digest of every file of a complete copy.
+
+    Runs at the lowest CPU priority: a loader is probably still computing on these weights.
+    """
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     marker = read_marker(directory)
     if marker is None:
         return
