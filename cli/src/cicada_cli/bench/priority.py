@@ -215,7 +215,11 @@ def _drain(http: httpx.Client, job_ids: list[str], timeout_s: float = 900) -> li
     done: list[Any] = []
     pending = list(job_ids)
     deadline = time.monotonic() + timeout_s
-    with ThreadPoolExecutor(8) as pool:
+    transport = httpx.HTTPTransport(retries=3)
+    with (
+        ThreadPoolExecutor(8) as pool,
+        httpx.Client(base_url=http.base_url, timeout=60, transport=transport) as http,
+    ):
         while pending and time.monotonic() < deadline:
             docs = list(pool.map(lambda j: http.get(f"/v2/jobs/{j}").json(), pending))
             finished = [d for d in docs if d.get("state") in ("succeeded", "failed")]

@@ -17,6 +17,7 @@ def main() -> None:
         port=settings.gateway_port,
         log_level="warning",
         access_log=False,
+        timeout_keep_alive=30,
     )
 
 
