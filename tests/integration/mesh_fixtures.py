@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
+import transformers
 
 from cicada_cli.up import Mesh, check_broker
 from cicada_shared.topology import Names, purge
@@ -119,3 +121,13 @@ def logs(running: RunningMesh, service: str) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return out
+
+
+def reference(model_dir: Path, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The transformers model's own outputs, loaded the ordinary way."""
+    config = json.loads((model_dir / "config.json").read_text())
+    cls = getattr(transformers, config["architectures"][0])
+    model = cls.from_pretrained(model_dir).eval()
+    with torch.inference_mode():
+        out = model(**inputs)
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}

@@ -107,6 +107,8 @@ def test_bench_priority_writes_the_documented_json(
         for cls in ("high", "low"):
             assert 0 < doc[mode][cls]["p50_s"] <= doc[mode][cls]["p99_s"]
         assert doc[mode]["low"]["failed"] == 0
+    survived = doc["restart"]["low"]
+    assert survived["lost"] == 0 and survived["n"] == survived["accepted"] > 0
     assert picture.read_bytes()[:4] == b"\x89PNG"
 
 

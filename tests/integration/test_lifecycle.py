@@ -3,6 +3,7 @@ eviction, scale to zero, and a scheduler restart that loses no accepted job."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 import uuid
@@ -10,10 +11,29 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import httpx
 import pytest
+import torch
 
-from tests.integration.mesh_fixtures import RunningMesh, infer_body, logs, start_mesh, stop_mesh
+from cicada_shared.contracts import (
+    CONTENT_TYPE,
+    InferJob,
+    JobResult,
+    RunJob,
+    Tensor,
+    decode,
+    encode,
+)
+from tests.integration.mesh_fixtures import (
+    AMQP_URL,
+    RunningMesh,
+    infer_body,
+    logs,
+    reference,
+    start_mesh,
+    stop_mesh,
+)
 
 BODY = infer_body("input_ids", [[1, 2, 3]], [1, 3])
 
@@ -170,6 +190,54 @@ def test_idle_models_scale_to_zero(life: RunningMesh) -> None:
         wait(lambda: not resident(http, "tiny-bert"), timeout_s=15)
         again = http.post("/v2/models/tiny-bert/infer", json=BODY).json()
         assert again["parameters"]["cold_start"] is True
+
+
+def test_a_job_placed_warm_on_a_loader_that_lost_the_model_fetches_it(life: RunningMesh) -> None:
+    """Placement raced an eviction, or a restarted scheduler knew an older status: the loader
+    is sent a job as warm (no fetch started) for a model it does not hold. It starts the
+    fetch itself, and the job succeeds as a cold start."""
+    with life.client() as http:
+        loader = http.post("/v2/models/tiny-bert/infer", json=BODY).json()["parameters"]["loader"]
+    model_dir = life.models_dir / "tiny-gpt2"
+    job = InferJob(
+        job_id=uuid.uuid4().hex,
+        model=f"never-loaded-{uuid.uuid4().hex[:6]}",
+        submitted_at=time.time(),
+        inputs=[
+            Tensor(
+                name="input_ids",
+                datatype="INT64",
+                shape=[1, 3],
+                data=torch.tensor([[1, 2, 3]]).numpy().tobytes(),
+            )
+        ],
+    )
+
+    async def run() -> JobResult:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            replies = await channel.declare_queue(exclusive=True)
+            message = RunJob(job=job, uri=model_dir.as_uri(), reply_to=replies.name)
+            await channel.default_exchange.publish(
+                aio_pika.Message(encode(message), content_type=CONTENT_TYPE),
+                routing_key=life.names.loader_queue(loader),
+            )
+            async with replies.iterator(timeout=60) as messages:
+                async for incoming in messages:
+                    await incoming.ack()
+                    result = decode(incoming.body)
+                    assert isinstance(result, JobResult)
+                    return result
+        raise AssertionError("no reply")
+
+    result = asyncio.run(run())
+    assert result.state == "succeeded", result.error
+    assert result.cold
+    (logits,) = [t for t in result.outputs if t.name == "logits"]
+    got = torch.frombuffer(bytearray(logits.data), dtype=torch.float32).reshape(logits.shape)
+    assert torch.equal(got, reference(model_dir, input_ids=torch.tensor([[1, 2, 3]]))["logits"])
+    assert any(e["event"] == "fetch_started_here" for e in logs(life, "loader-0"))
 
 
 def test_scheduler_restart_loses_no_accepted_job(

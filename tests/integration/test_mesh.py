@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 import uuid
@@ -15,22 +14,12 @@ import aio_pika
 import msgpack
 import pytest
 import torch
-import transformers
 
 from cicada_shared.contracts import CONTENT_TYPE, InferJob, JobResult, Tensor, decode, encode
 from cicada_shared.topology import JOB_ROUTING_KEY
-from tests.integration.mesh_fixtures import AMQP_URL, RunningMesh, infer_body, logs
+from tests.integration.mesh_fixtures import AMQP_URL, RunningMesh, infer_body, logs, reference
 
 IDS = [[5, 17, 42, 7, 99, 3]]
-
-
-def reference(model_dir: Path, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    config = json.loads((model_dir / "config.json").read_text())
-    cls = getattr(transformers, config["architectures"][0])
-    model = cls.from_pretrained(model_dir).eval()
-    with torch.inference_mode():
-        out = model(**inputs)
-    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
 def as_tensor(output: dict[str, Any]) -> torch.Tensor:

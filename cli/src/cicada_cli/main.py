@@ -230,6 +230,9 @@ def bench_priority(
     ),
     plot: Annotated[Path | None, typer.Option(help="Latency-over-time picture.")] = None,
     work_dir: Annotated[Path, typer.Option(help="Scratch space.")] = Path("bench-out/priority"),
+    restart: Annotated[
+        bool, typer.Option(help="Also a half-length run with the scheduler killed midway.")
+    ] = True,
 ) -> None:
     """Urgent requests (priority 9, a tiny model) under saturating background load (priority 0),
     with priorities and with strict arrival order."""
@@ -250,6 +253,7 @@ def bench_priority(
         interval_s=interval,
         seq_len=seq_len,
         memory_bytes=memory_bytes,
+        restart=restart,
         console=console,
     )
     json_path.write_text(json.dumps(result, indent=1))
@@ -261,6 +265,12 @@ def bench_priority(
             f"{mode:8s} high p50 {h['p50_s']:.3f} s p99 {h['p99_s']:.3f} s | low p50 "
             f"{lo['p50_s']:.2f} s p99 {lo['p99_s']:.2f} s ({lo['n']} jobs, "
             f"{lo['cold_starts']} cold)"
+        )
+    if restart:
+        lo = result["restart"]["low"]
+        print(
+            f"restart  {lo['accepted']} background jobs accepted, {lo['n']} finished "
+            f"({lo['failed']} failed), {lo['lost']} lost across the scheduler restart"
         )
     print(
         f"idle high {result['idle_high_s']:.3f} s, service time (p99) "

@@ -7,7 +7,8 @@ priorities disabled in the scheduler (strict arrival order) as the baseline.
 
 Reported: the high-priority latency on an idle system, the service time of one job (p99 of
 the time low jobs spend on the loader), p50/p99 latency of each class with and without
-priorities, and a picture of latency over time for both.
+priorities, and a picture of latency over time for both. A third, shorter run kills the
+scheduler in the middle of the load and starts it again: every accepted job must finish.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ def run_priority_bench(
     interval_s: float,
     seq_len: int,
     memory_bytes: int,
+    restart: bool,
     console: Console,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
@@ -46,14 +49,16 @@ def run_priority_bench(
         "high_interval_s": interval_s,
         "memory_bytes": memory_bytes,
     }
-    for mode in ("priority", "fifo"):
-        console.print(f"[bold]{mode}[/]: {duration_s:g}s of load")
+    for mode in ("priority", "fifo", "restart") if restart else ("priority", "fifo"):
+        seconds = duration_s / 2 if mode == "restart" else duration_s
+        note = ", the scheduler killed and restarted midway" if mode == "restart" else ""
+        console.print(f"[bold]{mode}[/]: {seconds:g}s of load{note}")
         out[mode] = _one_run(
             mode,
             high_model,
             low_models,
             work_dir,
-            duration_s,
+            seconds,
             rate,
             interval_s,
             seq_len,
@@ -82,7 +87,7 @@ def _one_run(
     roots = ":".join(sorted({str(p.parent.resolve()) for p in [high_model, *low_models]}))
     mesh = Mesh(
         loaders=1,
-        port=19100 if mode == "priority" else 19200,
+        port={"priority": 19100, "fifo": 19200}.get(mode, 19300),
         log_dir=work / f"logs-{mode}",
         env={
             "CICADA_NAMESPACE": f"prio-{uuid.uuid4().hex[:8]}",
@@ -91,7 +96,7 @@ def _one_run(
             "CICADA_CACHE_DIR": str(work / f"cache-{mode}"),
             "CICADA_LOADER_MEMORY_BYTES": str(memory_bytes),
             "CICADA_LOG_JSON": "true",
-            "CICADA_SCHEDULER_PRIORITIES": "true" if mode == "priority" else "false",
+            "CICADA_SCHEDULER_PRIORITIES": "false" if mode == "fifo" else "true",
         },
     )
     mesh.start()
@@ -126,6 +131,8 @@ def _one_run(
                 rate,
                 interval_s,
                 console,
+                midway=(lambda: mesh.kill("scheduler")) if mode == "restart" else None,
+                respawn=lambda: mesh.respawn("scheduler"),
             )
             result["idle_high_s"] = statistics.median(idle)
             return result
@@ -145,6 +152,8 @@ def _load(
     rate: float,
     interval_s: float,
     console: Console,
+    midway: Callable[[], None] | None = None,
+    respawn: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     t0 = time.monotonic()
     stop = t0 + duration_s
@@ -175,13 +184,21 @@ def _load(
                 own.post(f"/v2/models/{names[high_model]}/infer", json=body).raise_for_status()
                 highs.append((sent - t0, time.monotonic() - sent))
 
+    def crash() -> None:  # a scheduler crash in the middle of the load, then a restart
+        time.sleep(duration_s / 2)
+        assert midway is not None and respawn is not None
+        midway()
+        respawn()
+
     threads = [threading.Thread(target=background), threading.Thread(target=urgent)]
+    if midway is not None:
+        threads.append(threading.Thread(target=crash))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     console.print(f"  {len(lows)} background jobs, {len(highs)} urgent requests; draining")
-    rows = _drain(http, lows)
+    rows, unfinished = _drain(http, lows)
     latency = [r["finished_at"] - r["accepted_at"] for r in rows]
     service = [r["finished_at"] - r["dispatched_at"] for r in rows if r["dispatched_at"]]
     first = min((r["accepted_at"] for r in rows), default=0.0)
@@ -195,7 +212,9 @@ def _load(
             "p50_s": statistics.median(latency),
             "p99_s": _pct(latency, 0.99),
             "n": len(latency),
+            "accepted": len(lows),
             "failed": sum(r["state"] == "failed" for r in rows),
+            "lost": len(unfinished),
             "cold_starts": sum(bool(r.get("cold_start")) for r in rows),
         },
         "service_time_s": _pct(service, 0.99),
@@ -210,24 +229,35 @@ def _load(
     }
 
 
-def _drain(http: httpx.Client, job_ids: list[str], timeout_s: float = 900) -> list[Any]:
-    """Wait for every background job to finish; return their records."""
+def _drain(
+    http: httpx.Client, job_ids: list[str], patience_s: float = 120
+) -> tuple[list[Any], list[str]]:
+    """Wait for every background job to finish; return their records and the ids of those
+    that did not finish while others still were (given up after ``patience_s`` of no
+    progress: a job the mesh lost)."""
     done: list[Any] = []
     pending = list(job_ids)
-    deadline = time.monotonic() + timeout_s
+    last_progress = time.monotonic()
     transport = httpx.HTTPTransport(retries=3)
     with (
         ThreadPoolExecutor(8) as pool,
         httpx.Client(base_url=http.base_url, timeout=60, transport=transport) as http,
     ):
-        while pending and time.monotonic() < deadline:
-            docs = list(pool.map(lambda j: http.get(f"/v2/jobs/{j}").json(), pending))
-            finished = [d for d in docs if d.get("state") in ("succeeded", "failed")]
+        while pending and time.monotonic() - last_progress < patience_s:
+            docs = dict(zip(pending, pool.map(lambda j: _job(http, j), pending), strict=True))
+            finished = [d for d in docs.values() if d.get("state") in ("succeeded", "failed")]
+            if finished:
+                last_progress = time.monotonic()
             done += finished
-            pending = [d["id"] for d in docs if d not in finished]
+            pending = [j for j, d in docs.items() if d not in finished]
             if pending:
                 time.sleep(1.0)
-    return done
+    return done, pending
+
+
+def _job(http: httpx.Client, job_id: str) -> Any:
+    resp = http.get(f"/v2/jobs/{job_id}")
+    return resp.json() if resp.status_code == 200 else {}  # 503 while a scheduler restarts
 
 
 def plot_priority(result: dict[str, Any], out: Path) -> None:

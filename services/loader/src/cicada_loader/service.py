@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from cicada_shared.contracts import (
     FetchCancel,
     FetchFailedNotice,
     FetchFinished,
+    FetchRequest,
     JobProgress,
     JobResult,
     JobState,
@@ -289,12 +291,8 @@ class LoaderService:
     async def _cold(
         self, request: RunJob, inputs: dict[str, torch.Tensor], scope: JobScope
     ) -> tuple[Resident, dict[str, torch.Tensor], dict[str, Any]]:
-        if request.fetch_id is None:
-            raise CicadaError(
-                f"model {request.job.model!r} is not resident here and no fetch was started for it"
-            )
         loop = asyncio.get_running_loop()
-        fetch_id = request.fetch_id
+        fetch_id = request.fetch_id or await self._fetch_myself(request)
 
         def cancel() -> None:
             loop.call_soon_threadsafe(
@@ -331,6 +329,23 @@ class LoaderService:
         )
         self.residency.add(resident)
         return resident, result.outputs, result.timeline.summary()
+
+    async def _fetch_myself(self, request: RunJob) -> str:
+        """Placed here as warm, but the model is gone (evicted, or a scheduler that restarted
+        knew an older status): start the fetch the scheduler would have started."""
+        fetch = FetchRequest(
+            fetch_id=uuid.uuid4().hex,
+            model=request.job.model,
+            uri=request.uri,
+            order=request.order,
+            priority=request.job.priority,
+            announce_to=self.names.loader_events(self.id),
+        )
+        log.info("fetch_started_here", job_id=request.job.job_id, model=request.job.model)
+        await self.bus.publish(
+            fetch, self.names.weights_queue(self.settings.node), priority=request.job.priority
+        )
+        return fetch.fetch_id
 
     def _make_room(self, nbytes: int) -> None:
         """Before a skeleton is built: evict idle models until this one fits."""
