@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import httpx
 import pytest
 import torch
 import transformers
 
 from cicada_cli.up import Mesh, check_broker
+from cicada_shared.contracts import JobResult, Tensor, decode
 from cicada_shared.topology import Names, purge
 
 AMQP_URL = os.environ.get("CICADA_AMQP_URL", "amqp://guest:guest@localhost:5672/")
@@ -131,3 +133,26 @@ def reference(model_dir: Path, **inputs: torch.Tensor) -> dict[str, torch.Tensor
     with torch.inference_mode():
         out = model(**inputs)
     return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def ids_tensor(ids: list[list[int]]) -> Tensor:
+    """Token ids as a message tensor."""
+    data = torch.tensor(ids).numpy().tobytes()
+    return Tensor(name="input_ids", datatype="INT64", shape=[len(ids), len(ids[0])], data=data)
+
+
+async def next_result(replies: aio_pika.abc.AbstractQueue) -> JobResult:
+    """The first JobResult on a reply queue (acked)."""
+    async with replies.iterator(timeout=60) as messages:
+        async for message in messages:
+            await message.ack()
+            result = decode(message.body)
+            assert isinstance(result, JobResult)
+            assert message.correlation_id in (None, result.job_id)
+            return result
+    raise AssertionError("no reply")
+
+
+def logits_of(result: JobResult) -> torch.Tensor:
+    (logits,) = [t for t in result.outputs if t.name == "logits"]
+    return torch.frombuffer(bytearray(logits.data), dtype=torch.float32).reshape(logits.shape)

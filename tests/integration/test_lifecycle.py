@@ -21,15 +21,16 @@ from cicada_shared.contracts import (
     InferJob,
     JobResult,
     RunJob,
-    Tensor,
-    decode,
     encode,
 )
 from tests.integration.mesh_fixtures import (
     AMQP_URL,
     RunningMesh,
+    ids_tensor,
     infer_body,
+    logits_of,
     logs,
+    next_result,
     reference,
     start_mesh,
     stop_mesh,
@@ -203,14 +204,7 @@ def test_a_job_placed_warm_on_a_loader_that_lost_the_model_fetches_it(life: Runn
         job_id=uuid.uuid4().hex,
         model=f"never-loaded-{uuid.uuid4().hex[:6]}",
         submitted_at=time.time(),
-        inputs=[
-            Tensor(
-                name="input_ids",
-                datatype="INT64",
-                shape=[1, 3],
-                data=torch.tensor([[1, 2, 3]]).numpy().tobytes(),
-            )
-        ],
+        inputs=[ids_tensor([[1, 2, 3]])],
     )
 
     async def run() -> JobResult:
@@ -223,20 +217,13 @@ def test_a_job_placed_warm_on_a_loader_that_lost_the_model_fetches_it(life: Runn
                 aio_pika.Message(encode(message), content_type=CONTENT_TYPE),
                 routing_key=life.names.loader_queue(loader),
             )
-            async with replies.iterator(timeout=60) as messages:
-                async for incoming in messages:
-                    await incoming.ack()
-                    result = decode(incoming.body)
-                    assert isinstance(result, JobResult)
-                    return result
-        raise AssertionError("no reply")
+            return await next_result(replies)
 
     result = asyncio.run(run())
     assert result.state == "succeeded", result.error
     assert result.cold
-    (logits,) = [t for t in result.outputs if t.name == "logits"]
-    got = torch.frombuffer(bytearray(logits.data), dtype=torch.float32).reshape(logits.shape)
-    assert torch.equal(got, reference(model_dir, input_ids=torch.tensor([[1, 2, 3]]))["logits"])
+    want = reference(model_dir, input_ids=torch.tensor([[1, 2, 3]]))["logits"]
+    assert torch.equal(logits_of(result), want)
     assert any(e["event"] == "fetch_started_here" for e in logs(life, "loader-0"))
 
 

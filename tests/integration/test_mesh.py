@@ -17,7 +17,16 @@ import torch
 
 from cicada_shared.contracts import CONTENT_TYPE, InferJob, JobResult, Tensor, decode, encode
 from cicada_shared.topology import JOB_ROUTING_KEY
-from tests.integration.mesh_fixtures import AMQP_URL, RunningMesh, infer_body, logs, reference
+from tests.integration.mesh_fixtures import (
+    AMQP_URL,
+    RunningMesh,
+    ids_tensor,
+    infer_body,
+    logits_of,
+    logs,
+    next_result,
+    reference,
+)
 
 IDS = [[5, 17, 42, 7, 99, 3]]
 
@@ -89,6 +98,8 @@ def http_status(mesh: RunningMesh, method: str, path: str, **kw: Any) -> int:
 def test_job_published_over_amqp_with_reply_to(mesh: RunningMesh) -> None:
     """Any AMQP client: publish an InferJob, read the JobResult from its reply_to queue."""
 
+    job_id = uuid.uuid4().hex
+
     async def roundtrip() -> JobResult:
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
@@ -96,17 +107,10 @@ def test_job_published_over_amqp_with_reply_to(mesh: RunningMesh) -> None:
             replies = await channel.declare_queue(exclusive=True)
             exchange = await channel.get_exchange(mesh.names.jobs_exchange)
             job = InferJob(
-                job_id=uuid.uuid4().hex,
+                job_id=job_id,
                 model="tiny-gpt2",
                 submitted_at=time.time(),
-                inputs=[
-                    Tensor(
-                        name="input_ids",
-                        datatype="INT64",
-                        shape=[1, 6],
-                        data=torch.tensor(IDS).numpy().tobytes(),
-                    )
-                ],
+                inputs=[ids_tensor(IDS)],
             )
             await exchange.publish(
                 aio_pika.Message(
@@ -119,21 +123,13 @@ def test_job_published_over_amqp_with_reply_to(mesh: RunningMesh) -> None:
                 ),
                 routing_key=JOB_ROUTING_KEY,
             )
-            async with replies.iterator(timeout=60) as messages:
-                async for message in messages:
-                    await message.ack()
-                    assert message.correlation_id == job.job_id
-                    result = decode(message.body)
-                    assert isinstance(result, JobResult)
-                    return result
-        raise AssertionError("no reply")
+            return await next_result(replies)
 
     result = asyncio.run(roundtrip())
     assert result.state == "succeeded", result.error
-    (logits,) = result.outputs
-    got = torch.frombuffer(bytearray(logits.data), dtype=torch.float32).reshape(logits.shape)
+    assert result.job_id == job_id
     want = reference(mesh.models_dir / "tiny-gpt2", input_ids=torch.tensor(IDS))["logits"]
-    assert torch.equal(got, want)
+    assert torch.equal(logits_of(result), want)
 
 
 def test_two_loaders_share_the_work(mesh: RunningMesh) -> None:
