@@ -4,7 +4,9 @@ eviction, scale to zero, and a scheduler restart that loses no accepted job."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,12 +17,17 @@ import aio_pika
 import httpx
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from cicada_shared.contracts import (
     CONTENT_TYPE,
+    FetchFinished,
+    FetchRequest,
     InferJob,
     JobResult,
+    PieceAnnounced,
     RunJob,
+    decode,
     encode,
 )
 from tests.integration.mesh_fixtures import (
@@ -55,6 +62,7 @@ def life(checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "CICADA_LOADER_HEARTBEAT_S": "0.3",
             "CICADA_LOADER_MEMORY_BYTES": "1400000",
             "CICADA_MODEL_ROOTS": "/",
+            "CICADA_SCHEDULER_AGING_S": "0.25",
         },
     )
     yield running
@@ -119,6 +127,81 @@ def test_urgent_job_overtakes_waiting_background_jobs(
         states = {j: finished(http, j) for j in [first, *lows, high]}
     assert all(s["state"] == "succeeded" for s in states.values()), states
     assert states[high]["dispatched_at"] < min(states[j]["dispatched_at"] for j in lows)
+
+
+def test_aging_lets_a_long_waiting_low_job_go_before_fresher_higher_ones(
+    life: RunningMesh, slow_model: Callable[[float], str]
+) -> None:
+    """Aging (one level per 0.25 s here): a priority-0 job that has waited 2 s ranks 8, above
+    priority-5 jobs that arrive later; without aging they would overtake it."""
+    blocker = slow_model(2e5)  # a ~3.5 s cold start holds the only loader slot
+    with life.client() as http:
+        first = submit(http, blocker)
+        old = submit(http, "tiny-gpt2", 0)
+        time.sleep(2.0)
+        fresher = [submit(http, "tiny-gpt2", 5) for _ in range(3)]
+        states = {j: finished(http, j) for j in [first, old, *fresher]}
+    assert all(s["state"] == "succeeded" for s in states.values()), states
+    assert states[first]["finished_at"] > states[fresher[-1]]["accepted_at"]  # all waited
+    assert states[old]["dispatched_at"] < min(states[j]["dispatched_at"] for j in fresher)
+
+
+def test_weights_service_lets_an_urgent_fetch_overtake_a_large_one(
+    life: RunningMesh, checkpoints: Any, http_origin: Callable[..., str], tmp_path: Path
+) -> None:
+    """Over the broker: a 192 MiB background fetch (12 pieces of two 8 MiB ranges) is under
+    way when an urgent fetch arrives; the urgent one takes the next free worker and finishes
+    first, and most of the background fetch lands after it. (At equal priority the urgent
+    range would queue behind every background range: at most the ranges in flight then
+    would land after it.)"""
+    root = tmp_path / "origin"
+    (root / "big").mkdir(parents=True)
+    (root / "big" / "config.json").write_text('{"model_type": "synthetic"}')
+    tensors = {f"w{i:02d}": torch.full((2 * 1024 * 1024,), float(i)) for i in range(24)}
+    save_file(tensors, root / "big" / "model.safetensors")
+    shutil.copytree(checkpoints("gpt2"), root / "small")
+    url = http_origin(root, bandwidth=100e6)
+    node = os.environ.get("CICADA_NODE", socket.gethostname())  # as `cicada up` names it
+
+    async def run() -> list[Any]:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            events = await channel.declare_queue(exclusive=True)
+            direct = await channel.get_exchange(life.names.direct_exchange)
+            await events.bind(direct, events.name)
+
+            async def fetch(name: str, priority: int) -> None:
+                request = FetchRequest(
+                    fetch_id=name,
+                    model=f"{name}-{uuid.uuid4().hex[:6]}",
+                    uri=f"{url}/{name}",
+                    priority=priority,
+                    announce_to=events.name,
+                )
+                await direct.publish(
+                    aio_pika.Message(encode(request), content_type=CONTENT_TYPE),
+                    routing_key=life.names.weights_queue(node),
+                )
+
+            seen: list[Any] = []
+            await fetch("big", 0)
+            async with events.iterator(timeout=60) as messages:
+                async for incoming in messages:
+                    await incoming.ack()
+                    seen.append(decode(incoming.body))
+                    if [m.fetch_id for m in seen if isinstance(m, PieceAnnounced)] == ["big"]:
+                        await fetch("small", 9)
+                    if sum(isinstance(m, FetchFinished) for m in seen) == 2:
+                        return seen
+        raise AssertionError("no events")
+
+    seen = asyncio.run(run())
+    done = [m.fetch_id for m in seen if isinstance(m, FetchFinished)]
+    assert done == ["small", "big"], done
+    small_done = next(i for i, m in enumerate(seen) if isinstance(m, FetchFinished))
+    resumed = [m for m in seen[small_done:] if isinstance(m, PieceAnnounced)]
+    assert {m.fetch_id for m in resumed} == {"big"} and len(resumed) >= 6, len(resumed)
 
 
 def test_cancel_stops_a_cold_start_and_drops_its_fetch(
