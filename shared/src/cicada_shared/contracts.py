@@ -117,11 +117,6 @@ class RunJob(Contract):
     uri: str = Field(description="Where the model's checkpoint lives.")
     fetch_id: str | None = Field(None, description="The fetch feeding this cold start.")
     reply_to: str | None = Field(None, description="Queue for the JobResult, if any.")
-    order: list[list[str]] = Field(
-        default_factory=list,
-        description="Checkpoint keys by unit, execution order: for a fetch the loader starts "
-        "itself when the model it was sent to run warm is no longer resident.",
-    )
 
 
 class JobResult(Contract):

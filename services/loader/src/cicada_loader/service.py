@@ -252,8 +252,7 @@ class LoaderService:
                 self._progress(job.job_id, "loading")
                 resident, outputs, timeline = await self._cold(request, inputs, scope)
                 compute_s = timeline.get("exec_busy_s")
-            else:
-                self._progress(job.job_id, "running")
+            else:  # the scheduler marked it running when it sent it here
                 outputs, compute_s = await asyncio.to_thread(self._warm, resident, inputs, scope)
                 timeline = {}
             chosen = select(outputs, job.outputs)
@@ -333,11 +332,14 @@ class LoaderService:
     async def _fetch_myself(self, request: RunJob) -> str:
         """Placed here as warm, but the model is gone (evicted, or a scheduler that restarted
         knew an older status): start the fetch the scheduler would have started."""
+        prepared = await self.prepare(PrepareModel(model=request.job.model, uri=request.uri))
+        if prepared.error is not None:
+            raise CicadaError(prepared.error.message)
         fetch = FetchRequest(
             fetch_id=uuid.uuid4().hex,
             model=request.job.model,
             uri=request.uri,
-            order=request.order,
+            order=prepared.order,
             priority=request.job.priority,
             announce_to=self.names.loader_events(self.id),
         )

@@ -130,9 +130,7 @@ class Handlers:
         job, loader_id = record.job, loader.status.loader_id
         model = self.state.models[job.model]
         fetch_id = uuid.uuid4().hex if placement.cold else None
-        run = RunJob(
-            job=job, uri=model.uri, fetch_id=fetch_id, reply_to=record.reply_to, order=model.order
-        )
+        run = RunJob(job=job, uri=model.uri, fetch_id=fetch_id, reply_to=record.reply_to)
         sends = [self.bus.publish(run, self.names.loader_queue(loader_id), priority=job.priority)]
         if fetch_id is not None:
             fetch = FetchRequest(
