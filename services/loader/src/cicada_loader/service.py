@@ -222,8 +222,10 @@ class LoaderService:
                 self.busy -= 1
             if message.reply_to:
                 await self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)
-            await self.bus.publish(result, self.names.scheduler_inbox)
+            # the status first: the result frees a slot, and the scheduler places the next
+            # job at once, by what it believes is resident (a cold start may have evicted)
             await self._status()
+            await self.bus.publish(result, self.names.scheduler_inbox)
 
     # -- work ----------------------------------------------------------------------------
 
