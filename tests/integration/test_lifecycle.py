@@ -333,6 +333,10 @@ def test_scheduler_restart_loses_no_accepted_job(
             running.mesh.kill("scheduler")
             running.mesh.respawn("scheduler")
             states = {j: finished(http, j) for j in jobs}
+            # the registry survived too: the model registered over REST is still there
+            assert http.get("/v2/models/slow/ready").status_code == 200
+            again = http.post("/v2/models/slow/infer", json=BODY)
         assert {s["state"] for s in states.values()} == {"succeeded"}, states
+        assert again.status_code == 200, again.text
     finally:
         stop_mesh(running)
