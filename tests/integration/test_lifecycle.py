@@ -330,8 +330,7 @@ def test_scheduler_restart_loses_no_accepted_job(
             wait(lambda: http.get("/v2/models/slow/ready").status_code == 200)
             jobs = [submit(http, "slow")] + [submit(http, "tiny-gpt2", p) for p in (0, 5, 9, 0)]
             time.sleep(0.3)  # the first is running on the loader, the rest wait
-            running.mesh.kill("scheduler")
-            running.mesh.respawn("scheduler")
+            running.mesh.crash_and_restart("scheduler")
             states = {j: finished(http, j) for j in jobs}
             # the registry survived too: the model registered over REST is still there
             assert http.get("/v2/models/slow/ready").status_code == 200

@@ -20,6 +20,9 @@ app.add_typer(bench, name="bench")
 console = Console(stderr=True)
 
 ModelsDir = Annotated[Path, typer.Option("--dir", help="Directory holding one folder per model.")]
+CheckpointsDir = Annotated[Path, typer.Option(help="Checkpoints; missing ones are written.")]
+JsonOut = Annotated[Path, typer.Option("--json", help="Where to write results.")]
+WorkDir = Annotated[Path, typer.Option(help="Scratch space.")]
 
 
 def _split(text: str) -> list[str]:
@@ -127,12 +130,8 @@ def bench_coldstart(
     variants: Annotated[str, typer.Option(help="Comma-separated variants.")] = (
         "naive,pisel,pisel+miniloader,pisel+decoupler,cicada"
     ),
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write results.")] = Path(
-        "bench-coldstart.json"
-    ),
-    models_dir: Annotated[Path, typer.Option(help="Checkpoints; missing ones are written.")] = Path(
-        "models"
-    ),
+    json_path: JsonOut = Path("bench-coldstart.json"),
+    models_dir: CheckpointsDir = Path("models"),
     work_dir: Annotated[Path, typer.Option(help="Scratch space for caches.")] = Path("bench-out"),
     seq_len: Annotated[int, typer.Option(help="Tokens per text input.")] = 64,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
@@ -159,19 +158,15 @@ def bench_coldstart(
 @bench.command("mesh")
 def bench_mesh(
     model: Annotated[str, typer.Option(help="Zoo model for warm and cold requests.")] = "bert-base",
-    models_dir: Annotated[Path, typer.Option(help="Checkpoints; missing ones are written.")] = Path(
-        "models"
-    ),
+    models_dir: CheckpointsDir = Path("models"),
     warm: Annotated[int, typer.Option(help="Warm requests timed.")] = 200,
     cold: Annotated[int, typer.Option(help="Cold starts timed (each way).")] = 5,
     seq_len: Annotated[int, typer.Option(help="Tokens per request.")] = 8,
     throughput_s: Annotated[float, typer.Option(help="Seconds of the throughput test.")] = 10.0,
     clients: Annotated[int, typer.Option(help="Concurrent clients for throughput.")] = 8,
     loaders: Annotated[int, typer.Option(help="Loader processes.")] = 1,
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write results.")] = Path(
-        "bench-mesh.json"
-    ),
-    work_dir: Annotated[Path, typer.Option(help="Scratch space.")] = Path("bench-out/mesh"),
+    json_path: JsonOut = Path("bench-mesh.json"),
+    work_dir: WorkDir = Path("bench-out/mesh"),
 ) -> None:
     """Warm latency, cold start and throughput through the mesh, against the engine alone."""
     from cicada_cli.bench.coldstart import ensure_checkpoints
@@ -215,9 +210,7 @@ def bench_priority(
     low_models: Annotated[str, typer.Option(help="Zoo models of the background stream.")] = (
         "gpt2,bert-base,gpt2-medium"
     ),
-    models_dir: Annotated[Path, typer.Option(help="Checkpoints; missing ones are written.")] = Path(
-        "models"
-    ),
+    models_dir: CheckpointsDir = Path("models"),
     duration: Annotated[float, typer.Option(help="Seconds of load per run.")] = 30.0,
     rate: Annotated[float, typer.Option(help="Background jobs per second (Poisson).")] = 6.0,
     interval: Annotated[float, typer.Option(help="Seconds between urgent requests.")] = 1.0,
@@ -225,11 +218,9 @@ def bench_priority(
     memory_bytes: Annotated[
         int, typer.Option(help="Loader memory budget (forces evictions, hence cold starts).")
     ] = 2_200_000_000,
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write results.")] = Path(
-        "bench-priority.json"
-    ),
+    json_path: JsonOut = Path("bench-priority.json"),
     plot: Annotated[Path | None, typer.Option(help="Latency-over-time picture.")] = None,
-    work_dir: Annotated[Path, typer.Option(help="Scratch space.")] = Path("bench-out/priority"),
+    work_dir: WorkDir = Path("bench-out/priority"),
     restart: Annotated[
         bool, typer.Option(help="Also a half-length run with the scheduler killed midway.")
     ] = True,

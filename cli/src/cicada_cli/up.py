@@ -56,6 +56,7 @@ class Mesh:
     log_dir: Path | None = None
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     _envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    _commands: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -75,20 +76,9 @@ class Mesh:
         ]
         plan.append(("gateway", "cicada_gateway", {}))
         for name, module, extra in plan:
-            out = None
-            if self.log_dir is not None:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = (self.log_dir / f"{name}.log").open("ab")
             self._envs[name] = {**env, **extra}
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module],
-                env=self._envs[name],
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
-            )
-            if out is not None:
-                out.close()  # the child holds its own descriptor
-            self.procs.append((name, proc))
+            self._commands[name] = [sys.executable, "-m", module]
+            self.procs.append((name, self._spawn(name)))
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Until the gateway answers ready and at least one loader reports in."""
@@ -104,25 +94,31 @@ class Mesh:
             time.sleep(0.3)
         raise TimeoutError(f"the mesh was not ready within {timeout_s:g}s")
 
-    def kill(self, name: str) -> None:
-        """SIGKILL one service (a crash, for tests)."""
-        proc = dict(self.procs)[name]
-        proc.kill()
-        proc.wait()
-
-    def respawn(self, name: str) -> None:
-        """Start a service again with the environment it had."""
+    def crash_and_restart(self, name: str) -> None:
+        """SIGKILL one service, then start it again with the environment it had (a crash,
+        for tests and benchmarks)."""
         index = next(i for i, (n, _) in enumerate(self.procs) if n == name)
         old = self.procs[index][1]
+        old.kill()
+        old.wait()
+        self.procs[index] = (name, self._spawn(name))
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Start one service, its output appended to its log file (if any)."""
         out = None
         if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
             out = (self.log_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            old.args, env=self._envs[name], stdout=out, stderr=subprocess.STDOUT if out else None
-        )
-        if out is not None:
-            out.close()
-        self.procs[index] = (name, proc)
+        try:
+            return subprocess.Popen(
+                self._commands[name],
+                env=self._envs[name],
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own descriptor
 
     def check_alive(self) -> None:
         for name, proc in self.procs:

@@ -131,8 +131,7 @@ def _one_run(
                 rate,
                 interval_s,
                 console,
-                midway=(lambda: mesh.kill("scheduler")) if mode == "restart" else None,
-                respawn=lambda: mesh.respawn("scheduler"),
+                midway=(lambda: mesh.crash_and_restart("scheduler")) if mode == "restart" else None,
             )
             result["idle_high_s"] = statistics.median(idle)
             return result
@@ -153,7 +152,6 @@ def _load(
     interval_s: float,
     console: Console,
     midway: Callable[[], None] | None = None,
-    respawn: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     t0 = time.monotonic()
     stop = t0 + duration_s
@@ -184,15 +182,9 @@ def _load(
                 own.post(f"/v2/models/{names[high_model]}/infer", json=body).raise_for_status()
                 highs.append((sent - t0, time.monotonic() - sent))
 
-    def crash() -> None:  # a scheduler crash in the middle of the load, then a restart
-        time.sleep(duration_s / 2)
-        assert midway is not None and respawn is not None
-        midway()
-        respawn()
-
     threads = [threading.Thread(target=background), threading.Thread(target=urgent)]
-    if midway is not None:
-        threads.append(threading.Thread(target=crash))
+    if midway is not None:  # e.g. a scheduler crash in the middle of the load
+        threads.append(threading.Timer(duration_s / 2, midway))
     for t in threads:
         t.start()
     for t in threads:
