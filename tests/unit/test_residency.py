@@ -10,15 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from cicada_loader.engine.arch import Architecture
 from cicada_loader.residency import JobScope, Residency, Resident
 from cicada_shared.errors import InsufficientMemory, LoadCancelled
 
 
 def resident(name: str, nbytes: int, last_used: float = 0.0) -> Resident:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    arch = Architecture("Seq", {}, nn.Sequential, False, "", "input")
-    r = Resident(name, model, arch, f"file:///{name}", nbytes)
+    r = Resident(name, model, nbytes)
     r.last_used = last_used
     return r
 

@@ -132,17 +132,15 @@ class Bus:
         if to.reply_to:
             await self.send_to(to.reply_to, message, correlation_id=to.correlation_id)
 
-    async def send_to(self, queue: str, message: Contract, *, correlation_id: str | None) -> bool:
+    async def send_to(self, queue: str, message: Contract, *, correlation_id: str | None) -> None:
         """Publish straight to a queue by name (the default exchange), e.g. a reply queue.
 
-        A reply queue whose client has gone is normal, not an error: False, and a log line.
+        A reply queue whose client has gone is normal, not an error: a log line.
         """
         try:
             await self.publish(message, queue, exchange="", correlation_id=correlation_id)
         except aio_pika.exceptions.DeliveryError:
             log.info("reply_undeliverable", queue=queue, correlation_id=correlation_id)
-            return False
-        return True
 
     # -- consuming -----------------------------------------------------------------------
 

@@ -60,6 +60,9 @@ class Names:
     def loader_queue(self, loader_id: str) -> str:
         return f"{self.namespace}.loader.{loader_id}"
 
+    def loader_control(self, loader_id: str) -> str:
+        return f"{self.namespace}.loader.{loader_id}.control"
+
     def loader_events(self, loader_id: str) -> str:
         return f"{self.namespace}.loader.{loader_id}.events"
 

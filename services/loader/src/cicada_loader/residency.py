@@ -19,7 +19,6 @@ from typing import Any
 
 from torch import nn
 
-from cicada_loader.engine.arch import Architecture
 from cicada_loader.engine.skeleton import unit_modules
 from cicada_shared.errors import CicadaError, InsufficientMemory
 
@@ -32,13 +31,8 @@ class JobScope:
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         self.error: CicadaError | None = None
-        self._event = threading.Event()
         self._callbacks: list[Callable[[CicadaError], None]] = []
         self._lock = threading.Lock()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
     def on_cancel(self, callback: Callable[[CicadaError], None]) -> None:
         with self._lock:
@@ -52,7 +46,6 @@ class JobScope:
             if self.error is not None:
                 return
             self.error = error
-            self._event.set()
             callbacks = list(self._callbacks)
         for callback in callbacks:
             callback(error)
@@ -81,10 +74,7 @@ class Resident:
 
     name: str
     model: nn.Module
-    arch: Architecture
-    uri: str
     nbytes: int
-    loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     in_use: int = 0
     hooks: list[Any] = field(default_factory=list)

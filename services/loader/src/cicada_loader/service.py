@@ -131,7 +131,7 @@ class LoaderService:
         )
         control = await topo.queue(
             await self.bus.open_channel(prefetch=4),
-            self.names.loader_queue(self.id) + ".control",
+            self.names.loader_control(self.id),
             exclusive=True,
         )
         events = await topo.queue(
@@ -332,9 +332,7 @@ class LoaderService:
             result = await loop.run_in_executor(self.compute, run.run)
         finally:
             self.announcements.unsubscribe(fetch_id)
-        resident = Resident(
-            request.job.model, result.model, result.arch, request.uri, result.manifest.nbytes
-        )
+        resident = Resident(request.job.model, result.model, result.manifest.nbytes)
         self.residency.add(resident)
         return resident, result.outputs, result.timeline.summary()
 

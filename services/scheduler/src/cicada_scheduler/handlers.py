@@ -294,7 +294,7 @@ class Handlers:
             loader = min(loaders, key=lambda r: len(r.running))
             await self.bus.publish(
                 PrepareModel(model=record.name, uri=record.uri),
-                self.names.loader_queue(loader.status.loader_id) + ".control",
+                self.names.loader_control(loader.status.loader_id),
             )
 
     # -- RPC -------------------------------------------------------------------------------
@@ -353,9 +353,7 @@ class Handlers:
         self.store.delete_model(name)
         doc = self._model_json(record)
         for loader_id in self.state.resident_on(name):
-            await self.bus.publish(
-                UnloadModel(model=name), self.names.loader_queue(loader_id) + ".control"
-            )
+            await self.bus.publish(UnloadModel(model=name), self.names.loader_control(loader_id))
         log.info("model_unregistered", model=name)
         return Reply(ok=True, data=doc)
 
@@ -376,7 +374,7 @@ class Handlers:
             )
         elif record.loader_id is not None:
             await self.bus.publish(
-                CancelJob(job_id=job_id), self.names.loader_queue(record.loader_id) + ".control"
+                CancelJob(job_id=job_id), self.names.loader_control(record.loader_id)
             )
         return Reply(ok=True, data=self._job_json(record))
 

@@ -260,6 +260,8 @@ class State:
     def place(self) -> list[Placement]:
         """Take the most urgent waiting jobs that loaders can start now."""
         placements: list[Placement] = []
+        if not any(r.free > 0 for r in self.alive()):
+            return placements  # the usual case under load: no need to sort the backlog
         for record in self.pending():
             choice = self._choose(record.job.model)
             if choice is None:

@@ -167,7 +167,8 @@ class WeightsService:
             self._announce(request, event, shared.started)
         if isinstance(event, FetchDone | FetchFailed) and self.active.get(model) is shared:
             del self.active[model]
-            asyncio.get_running_loop().run_in_executor(None, self._evict, model)
+            keep = {model, *self.active}  # read on the loop, which changes it
+            asyncio.get_running_loop().run_in_executor(None, self._evict, keep)
             outcome = "done" if isinstance(event, FetchDone) else f"failed: {event.error}"
             log.info(
                 "fetch_ended",
@@ -177,8 +178,8 @@ class WeightsService:
                 bytes=getattr(event, "nbytes", None),
             )
 
-    def _evict(self, just_used: str) -> None:
-        keep = {just_used, *self.active}
+    def _evict(self, keep: set[str]) -> None:
+        """Bring the cache within its budget, sparing ``keep`` (in use, or just used)."""
         for name in cache.evict(
             self.fetcher.cache_root, self.settings.weights_cache_bytes, keep=keep
         ):
