@@ -7,7 +7,7 @@ import time
 import pytest
 
 from cicada_scheduler.state import JobRecord, State
-from cicada_shared.contracts import InferJob, LoaderStatus
+from cicada_shared.contracts import InferJob, JobResult, LoaderStatus
 
 
 def job(job_id: str, priority: int = 0, model: str = "m", waited_s: float = 0.0) -> JobRecord:
@@ -136,3 +136,15 @@ def test_lost_loaders_are_expired(gone: str) -> None:
         time.sleep(0.06)
     assert [r.status.loader_id for r in state.expire()] == ["L"]
     assert state.alive() == []
+
+
+def test_only_the_most_recently_finished_jobs_are_kept() -> None:
+    state = State(keep_finished=2)
+    records = [job(f"j{i}") for i in range(4)]
+    for r in records:
+        state.accept(r)
+    for i in (2, 0, 3, 1):  # finishing order, not arrival order
+        state.finish(JobResult(job_id=f"j{i}", model="m", state="succeeded"))
+        state.finish(JobResult(job_id=f"j{i}", model="m", state="succeeded"))  # redelivered
+    assert set(state.jobs) == {"j3", "j1"}
+    assert state.forgotten == ["j2", "j0"]

@@ -238,7 +238,9 @@ class Handlers:
                 )
         await self._prepare_waiting()
         await self.dispatch()
-        self.store.prune(self.state.keep_finished)
+        if self.state.forgotten:  # the jobs retention dropped from memory
+            self.store.delete_jobs(self.state.forgotten)
+            self.state.forgotten.clear()
 
     async def _deliver(self, record: JobRecord, result: JobResult) -> None:
         """Finish a job here (not on a loader): store, tell the submitter, settle."""

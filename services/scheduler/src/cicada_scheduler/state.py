@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from cicada_shared.contracts import (
@@ -130,6 +130,8 @@ class State:
         self.node_cache: dict[str, set[str]] = {}  # node → models fetched there
         self._pending: set[str] = set()
         self._seq = itertools.count()
+        self._finished: deque[str] = deque()  # finished job ids, oldest first
+        self.forgotten: list[str] = []  # dropped from memory, still to drop from the store
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class State:
         if record is None:
             return None
         self._pending.discard(result.job_id)
-        record.state, record.result, record.finished_at = result.state, result, time.time()
+        self._mark_finished(record, result)
         loader = self.loaders.get(record.loader_id or "")
         if loader is not None:
             loader.running.discard(result.job_id)
@@ -186,7 +188,7 @@ class State:
                 job_id=result.job_id, model=result.model, inputs=[], submitted_at=time.time()
             )
             record = self.jobs[result.job_id] = JobRecord(job, reply_to)
-        record.state, record.result, record.finished_at = result.state, result, time.time()
+        self._mark_finished(record, result)
         self._forget_old()
         return record
 
@@ -201,6 +203,8 @@ class State:
         a loader was running wait for its result (or for it to be declared lost)."""
         record.seq = next(self._seq)
         self.jobs[record.job.job_id] = record
+        if record.finished_at is not None:
+            self._finished.append(record.job.job_id)
         if record.finished_at is None and record.loader_id and record.state != "queued":
             loader = self.loaders.get(record.loader_id)
             if loader is None:  # unknown until it reports; lost if it never does
@@ -215,10 +219,17 @@ class State:
                 loader = self.loaders[record.loader_id] = LoaderRecord(status)
             loader.running.add(record.job.job_id)
 
+    def _mark_finished(self, record: JobRecord, result: JobResult) -> None:
+        if record.finished_at is None:
+            self._finished.append(record.job.job_id)
+        record.state, record.result, record.finished_at = result.state, result, time.time()
+
     def _forget_old(self) -> None:
-        finished = [i for i, r in self.jobs.items() if r.finished_at is not None]
-        for job_id in finished[: max(0, len(finished) - self.keep_finished)]:
-            del self.jobs[job_id]
+        """Keep the ``keep_finished`` most recently finished jobs."""
+        while len(self._finished) > self.keep_finished:
+            job_id = self._finished.popleft()
+            self.jobs.pop(job_id, None)
+            self.forgotten.append(job_id)
 
     # -- loaders ---------------------------------------------------------------------------
 

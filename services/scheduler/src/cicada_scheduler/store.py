@@ -119,10 +119,5 @@ class Store:
             out.append(record)
         return out
 
-    def prune(self, keep: int) -> None:
-        """Forget all but the ``keep`` most recently finished jobs."""
-        self.db.execute(
-            "DELETE FROM jobs WHERE finished_at IS NOT NULL AND job_id NOT IN (SELECT job_id "
-            "FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?)",
-            (keep,),
-        )
+    def delete_jobs(self, job_ids: list[str]) -> None:
+        self.db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])
