@@ -118,6 +118,10 @@ def _cold(
         params = resp.json()["parameters"]
         assert params["cold_start"], params
         server_s.append(params["e2e_s"])
+        # unloaded, so that the next in-process run meets a node with nothing resident, as
+        # the next cold start through the mesh does (a resident model slows a fresh
+        # process's page-cache writes on this VM, see docs/benchmarks.md)
+        http.delete(f"/v2/repository/models/{name}").raise_for_status()
     mesh_p50, local_p50 = statistics.median(mesh_s), statistics.median(local_s)
     return {
         "mesh_s": mesh_s,

@@ -220,12 +220,18 @@ class LoaderService:
                 result = await self.run(message)
             finally:
                 self.busy -= 1
+            # one channel writes these in this order, and the broker routes them so: the
+            # scheduler hears before the client, whose next request must find the model
+            # resident. A cold start may have evicted: its status goes before the result,
+            # which frees the slot the next job is placed in. The confirms come back together.
+            sends = [self.bus.publish(result, self.names.scheduler_inbox)]
+            if result.cold or result.state != "succeeded":
+                sends.insert(0, self._status())
             if message.reply_to:
-                await self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)
-            # the status first: the result frees a slot, and the scheduler places the next
-            # job at once, by what it believes is resident (a cold start may have evicted)
-            await self._status()
-            await self.bus.publish(result, self.names.scheduler_inbox)
+                sends.append(
+                    self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)
+                )
+            await asyncio.gather(*sends)
 
     # -- work ----------------------------------------------------------------------------
 
