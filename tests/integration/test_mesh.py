@@ -322,6 +322,22 @@ def test_unregister(mesh: RunningMesh) -> None:
         assert http.delete("/v2/repository/models/short-lived").status_code == 404
 
 
+def test_unregistering_a_model_deletes_its_cached_copy(mesh: RunningMesh) -> None:
+    target = mesh.models_dir / "cached-then-gone"
+    shutil.copytree(mesh.models_dir / "tiny-bert", target, dirs_exist_ok=True)
+    copy = mesh.cache_dir / "files" / "cached-then-gone"
+    with mesh.client() as http:
+        uri = target.as_uri()
+        assert http.post("/v2/repository/models/cached-then-gone", json={"uri": uri}).is_success
+        assert http.post("/v2/models/cached-then-gone/infer", json=GOOD).is_success
+        assert (copy / "model.safetensors").is_file()
+        assert http.delete("/v2/repository/models/cached-then-gone").status_code == 200
+    deadline = time.monotonic() + 15
+    while copy.exists():
+        assert time.monotonic() < deadline, "the cached copy outlived its model"
+        time.sleep(0.05)
+
+
 async def _next(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomingMessage:
     async with queue.iterator(timeout=30) as messages:
         async for message in messages:

@@ -148,3 +148,14 @@ def test_only_the_most_recently_finished_jobs_are_kept() -> None:
         state.finish(JobResult(job_id=f"j{i}", model="m", state="succeeded"))  # redelivered
     assert set(state.jobs) == {"j3", "j1"}
     assert state.forgotten == ["j2", "j0"]
+
+
+def test_an_unregistered_model_is_forgotten_in_every_cache_that_may_hold_it() -> None:
+    state = State()
+    loader(state, "A", node="n1")
+    accept_all(state, job("a", model="m"))
+    state.place()  # a cold start on n1: n1's cache holds m from now on
+    state.loaders["A"].status = state.loaders["A"].status.model_copy(update={"node": "n2"})
+    state.node_cache["n3"] = {"other"}
+    assert state.forget_cached("m") == ["n1", "n2"]  # where it was fetched; every live node
+    assert "m" not in state.node_cache["n1"] and state.node_cache["n3"] == {"other"}

@@ -154,7 +154,8 @@ class CancelJob(Contract):
 
 
 class UnloadModel(Contract):
-    """Scheduler → loader: drop this model (it was unregistered)."""
+    """Scheduler → loaders and weights services: the model was unregistered. A loader frees
+    it; a weights service deletes its cached copy."""
 
     kind: Literal["unload_model"] = "unload_model"
     model: str = Field(description="Registered model name.")

@@ -356,6 +356,11 @@ class Handlers:
         doc = self._model_json(record)
         for loader_id in self.state.resident_on(name):
             await self.bus.publish(UnloadModel(model=name), self.names.loader_control(loader_id))
+        for node in self.state.forget_cached(name):
+            try:
+                await self.bus.publish(UnloadModel(model=name), self.names.weights_queue(node))
+            except Exception as exc:  # that node's weights service is gone: nothing to delete
+                log.info("cache_drop_unsent", model=name, node=node, error=str(exc))
         log.info("model_unregistered", model=name)
         return Reply(ok=True, data=doc)
 

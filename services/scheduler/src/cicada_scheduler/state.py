@@ -263,6 +263,15 @@ class State:
             del self.loaders[r.status.loader_id]
         return gone
 
+    def forget_cached(self, model: str) -> list[str]:
+        """Nodes whose cache may hold ``model``: where we fetched it, and (we may have
+        restarted since) every live loader's node. It is forgotten there."""
+        nodes = {node for node, models in self.node_cache.items() if model in models}
+        nodes |= {r.status.node for r in self.alive() if r.status.node != "?"}
+        for models in self.node_cache.values():
+            models.discard(model)
+        return sorted(nodes)
+
     def resident_on(self, model: str) -> list[str]:
         return sorted(i for i, r in self.loaders.items() if model in r.status.resident)
 

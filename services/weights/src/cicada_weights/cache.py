@@ -99,6 +99,15 @@ def size_of(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
 
 
+def drop(root: Path, name: str) -> bool:
+    """Delete one model's copy; False when there was none."""
+    directory = root / name
+    if not directory.is_dir():
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
 def evict(root: Path, budget_bytes: int, *, keep: set[str]) -> list[str]:
     """Delete the least recently used copies until the cache fits ``budget_bytes``."""
     if not root.is_dir():

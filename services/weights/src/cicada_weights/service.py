@@ -27,6 +27,7 @@ from cicada_shared.contracts import (
     ManifestAnnounced,
     Message,
     PieceAnnounced,
+    UnloadModel,
 )
 from cicada_shared.settings import MeshSettings
 from cicada_weights import cache
@@ -115,6 +116,8 @@ class WeightsService:
             self._subscribe(message)
         elif isinstance(message, FetchCancel):
             self._unsubscribe(message.fetch_id)
+        elif isinstance(message, UnloadModel):
+            await self._drop(message.model)
         else:
             log.warning("unexpected_message", kind=message.kind)
 
@@ -177,6 +180,13 @@ class WeightsService:
                 seconds=round(event.at - shared.started, 4),
                 bytes=getattr(event, "nbytes", None),
             )
+
+    async def _drop(self, model: str) -> None:
+        """An unregistered model's copy goes (one being fetched stays: a loader waits on it)."""
+        if model in self.active:
+            log.info("cache_kept", model=model, reason="a fetch is in flight")
+        elif await asyncio.to_thread(cache.drop, self.fetcher.cache_root, model):
+            log.info("cache_dropped", model=model, reason="unregistered")
 
     def _evict(self, keep: set[str]) -> None:
         """Bring the cache within its budget, sparing ``keep`` (in use, or just used)."""
