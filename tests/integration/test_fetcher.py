@@ -91,6 +91,26 @@ def test_complete_cache_is_reused(checkpoints: Callable[..., Path], tmp_path: Pa
     assert isinstance(again[-1], FetchDone) and again[-1].nbytes == 0
 
 
+def test_a_copy_of_an_origin_that_changed_is_not_reused(
+    checkpoints: Callable[..., Path], http_origin: Callable[..., str], tmp_path: Path
+) -> None:
+    for kind in ("file", "http"):
+        src = tmp_path / f"origin-{kind}"
+        shutil.copytree(checkpoints("gpt2"), src)
+        uri = str(src) if kind == "file" else http_origin(src)
+        cache = tmp_path / f"cache-{kind}"
+        fetch(uri, cache)
+        reused = fetch(uri, cache, options=FetchOptions(reuse_cache=True))
+        assert reused[-1].nbytes == 0, kind
+        weights = src / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # the same size, other bytes, a later modification time
+        weights.write_bytes(bytes(data))
+        again = fetch(uri, cache, options=FetchOptions(reuse_cache=True))
+        assert isinstance(again[-1], FetchDone) and again[-1].nbytes > 0, kind
+        assert cached_file(again).read_bytes() == bytes(data), kind
+
+
 def test_truncated_origin_fails_before_fetching(
     checkpoints: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""The node cache: markers, digests, verification, least-recently-used eviction."""
+"""The node cache: markers, versions, digests, verification, least-recently-used eviction."""
 
 from __future__ import annotations
 
@@ -8,14 +8,26 @@ from pathlib import Path
 
 from cicada_weights import cache
 
+V1 = {"model.safetensors": "v1"}
+
 
 def copy(root: Path, name: str, size: int, used: float) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    (d / "model.safetensors").write_bytes(os.urandom(size))
-    cache.write_marker(d, f"file:///{name}", {"model.safetensors": {"size": size}})
+    f = d / "model.safetensors"
+    f.write_bytes(os.urandom(size))
+    cache.write_marker(d, f"file:///{name}", {f.name: cache.file_record(f, size, "v1")})
     os.utime(d / cache.COMPLETE, (used, used))
     return d
+
+
+def rewrite_in_place(f: Path, offset: int) -> None:
+    """Flip one byte and put the modification time back: what only a digest can see."""
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[offset] ^= 0xFF
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_digest_is_chunked_sha256(tmp_path: Path) -> None:
@@ -27,19 +39,30 @@ def test_digest_is_chunked_sha256(tmp_path: Path) -> None:
     assert cache.digest(f) == hashlib.sha256(parts).hexdigest()
 
 
-def test_verify_checks_uri_sizes_and_digests(tmp_path: Path) -> None:
+def test_verify_checks_uri_sizes_origin_version_and_modification(tmp_path: Path) -> None:
     d = copy(tmp_path, "m", 1000, time.time())
     sizes = {"model.safetensors": 1000}
-    assert cache.verify(d, "file:///m", sizes, digests=False)
-    assert not cache.verify(d, "file:///other", sizes, digests=False)
-    assert not cache.verify(d, "file:///m", {"model.safetensors": 999}, digests=False)
-    assert not cache.verify(d, "file:///m", sizes, digests=True)  # no digest recorded yet
+    assert cache.verify(d, "file:///m", sizes, versions=V1, digests=False)
+    assert not cache.verify(d, "file:///other", sizes, versions=V1, digests=False)
+    assert not cache.verify(d, "file:///m", {"model.safetensors": 999}, versions=V1, digests=False)
+    changed = {"model.safetensors": "v2"}  # the origin's file changed since the copy
+    assert not cache.verify(d, "file:///m", sizes, versions=changed, digests=False)
+    unknown = {"model.safetensors": None}  # an origin that cannot tell
+    assert not cache.verify(d, "file:///m", sizes, versions=unknown, digests=False)
+    f = d / "model.safetensors"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))  # written since
+    assert not cache.verify(d, "file:///m", sizes, versions=V1, digests=False)
+
+
+def test_digests_catch_what_sizes_and_times_cannot(tmp_path: Path) -> None:
+    d = copy(tmp_path, "m", 1000, time.time())
+    sizes = {"model.safetensors": 1000}
+    assert not cache.verify(d, "file:///m", sizes, versions=V1, digests=True)  # none recorded
     cache.add_digests(d)
-    assert cache.verify(d, "file:///m", sizes, digests=True)
-    data = bytearray((d / "model.safetensors").read_bytes())
-    data[500] ^= 0xFF  # one flipped bit in the middle
-    (d / "model.safetensors").write_bytes(bytes(data))
-    assert not cache.verify(d, "file:///m", sizes, digests=True)
+    assert cache.verify(d, "file:///m", sizes, versions=V1, digests=True)
+    rewrite_in_place(d / "model.safetensors", 500)
+    assert cache.verify(d, "file:///m", sizes, versions=V1, digests=False)
+    assert not cache.verify(d, "file:///m", sizes, versions=V1, digests=True)
 
 
 def test_evict_least_recently_used_beyond_budget(tmp_path: Path) -> None:

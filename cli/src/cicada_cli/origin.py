@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from email.utils import formatdate
 from pathlib import Path
 
 from aiohttp import web
@@ -78,6 +79,9 @@ def make_app(root: Path, bandwidth: float | None) -> web.Application:
         resp = web.StreamResponse(status=status)
         resp.content_length = end - start
         resp.headers["Accept-Ranges"] = "bytes"
+        stat = path.stat()  # validators, as a static file server or object store sends them
+        resp.headers["ETag"] = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+        resp.headers["Last-Modified"] = formatdate(stat.st_mtime, usegmt=True)
         if status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         await resp.prepare(request)

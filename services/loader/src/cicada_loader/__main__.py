@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 
@@ -12,7 +11,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from cicada_loader.service import LoaderService, LoaderSettings
 from cicada_shared.logs import configure_logging
-from cicada_shared.service import serve
+from cicada_shared.service import run
 
 
 def main() -> None:
@@ -20,7 +19,7 @@ def main() -> None:
     configure_logging(
         f"loader {settings.loader_id}", level=settings.log_level, json=settings.log_json
     )
-    sys.exit(asyncio.run(serve(LoaderService(settings), "loader")))
+    sys.exit(run(LoaderService(settings), "loader"))
 
 
 if __name__ == "__main__":

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from cicada_scheduler.service import SchedulerService, SchedulerSettings
 from cicada_shared.logs import configure_logging
-from cicada_shared.service import serve
+from cicada_shared.service import run
 
 
 def main() -> None:
     settings = SchedulerSettings()
     configure_logging("scheduler", level=settings.log_level, json=settings.log_json)
-    sys.exit(asyncio.run(serve(SchedulerService(settings), "scheduler")))
+    sys.exit(run(SchedulerService(settings), "scheduler"))
 
 
 if __name__ == "__main__":

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from cicada_shared.logs import configure_logging
-from cicada_shared.service import serve
+from cicada_shared.service import run
 from cicada_weights.service import WeightsService, WeightsSettings
 
 
 def main() -> None:
     settings = WeightsSettings()
     configure_logging("weights", level=settings.log_level, json=settings.log_json)
-    sys.exit(asyncio.run(serve(WeightsService(settings), "weights")))
+    sys.exit(run(WeightsService(settings), "weights"))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -79,14 +80,42 @@ def add_digests(directory: Path) -> None:
     write_marker(directory, marker["uri"], files)
 
 
-def verify(directory: Path, uri: str, sizes: dict[str, int], *, digests: bool) -> bool:
-    """Is this a complete, intact copy of ``uri``? Marks it used when it is."""
+def file_record(path: Path, size: int, origin_version: str | None) -> dict[str, Any]:
+    """What a complete copy's marker says of one of its files."""
+    return {"size": size, "origin": origin_version, "mtime_ns": path.stat().st_mtime_ns}
+
+
+def verify(
+    directory: Path,
+    uri: str,
+    sizes: dict[str, int],
+    *,
+    versions: Mapping[str, str | None],
+    digests: bool,
+) -> bool:
+    """Is this a complete, intact copy of ``uri`` as its origin holds it now? Marks it used
+    when it is.
+
+    Current: the origin's ``versions`` are those the copy was made from (an origin that
+    cannot tell its versions never has its copies reused). Intact: each file
+    has the size and modification time it had when the copy completed, and with ``digests``
+    its recorded SHA-256 (which costs a read of every byte).
+    """
     marker = read_marker(directory)
     if marker is None or marker.get("uri") != uri:
         return False
     files = marker.get("files", {})
     if {name: info.get("size") for name, info in files.items()} != sizes:
         return False
+    for name, info in files.items():
+        if info.get("origin") is None or info.get("origin") != versions.get(name):
+            return False
+        try:
+            st = (directory / name).stat()
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime_ns) != (info["size"], info.get("mtime_ns")):
+            return False
     if digests:
         for name, info in files.items():
             if "sha256" not in info or digest(directory / name) != info["sha256"]:

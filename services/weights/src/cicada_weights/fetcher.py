@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cicada_shared.errors import CicadaError, LoadCancelled
+from cicada_shared.errors import CicadaError, LoadCancelled, OriginError
 from cicada_weights import cache
 from cicada_weights.checkpoint import CONFIG, INDEX, read_checkpoint
 from cicada_weights.header import Header, TensorEntry
@@ -253,6 +253,7 @@ class FetchHandle:
     _lock: threading.Condition = field(default_factory=threading.Condition)
     _origin: Origin | None = None
     _fds: dict[str, int] = field(default_factory=dict)
+    _versions: dict[str, str | None] = field(default_factory=dict)  # the origin's, as fetched
     _pieces: dict[int, _PieceState] = field(default_factory=dict)
     _backlog: list[_RangeTask] = field(default_factory=list)
     _in_flight: int = 0
@@ -307,16 +308,16 @@ class FetchHandle:
 
     def _setup(self) -> None:
         try:
-            manifest = self._reuse() if self.options.reuse_cache else None
-            if manifest is not None:
-                self._announce_cached(manifest)
-                return
             self._origin = open_origin(
                 self.uri,
                 timeout_s=self.fetcher.timeout_s,
                 retries=self.fetcher.retries,
                 pool=self.fetcher.workers + 1,
             )
+            manifest = self._reuse(self._origin) if self.options.reuse_cache else None
+            if manifest is not None:
+                self._announce_cached(manifest)
+                return
             manifest = self._prepare(self._origin)
             if self.error is not None:  # cancelled while preparing
                 return
@@ -332,6 +333,7 @@ class FetchHandle:
         (self.cache_dir / cache.COMPLETE).unlink(missing_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         ckpt = read_checkpoint(origin)
+        self._versions = {file: origin.version(file) for file in ckpt.headers}
         (self.cache_dir / CONFIG).write_bytes(ckpt.raw_config)
         if ckpt.raw_index is not None:
             (self.cache_dir / INDEX).write_bytes(ckpt.raw_index)
@@ -416,7 +418,10 @@ class FetchHandle:
                 return
             self._done.set()
         assert self.manifest is not None
-        files = {f: {"size": h.file_size} for f, h in self.manifest.headers.items()}
+        files = {
+            f: cache.file_record(self.cache_dir / f, h.file_size, self._versions[f])
+            for f, h in self.manifest.headers.items()
+        }
         cache.write_marker(self.cache_dir, self.uri, files)
         self._emit(FetchDone(self.nbytes, time.perf_counter()))
         self._ended.set()
@@ -427,9 +432,10 @@ class FetchHandle:
 
     # -- cache reuse ---------------------------------------------------------------------
 
-    def _reuse(self) -> Manifest | None:
-        """The cached copy, if a complete, intact one of this URI is there."""
-        if cache.read_marker(self.cache_dir) is None:
+    def _reuse(self, origin: Origin) -> Manifest | None:
+        """The cached copy, if a complete, intact one of this URI as it is now is there."""
+        marker = cache.read_marker(self.cache_dir)
+        if marker is None:
             return None
         cached = FileOrigin(self.cache_dir)
         try:
@@ -439,7 +445,13 @@ class FetchHandle:
         finally:
             cached.close()
         sizes = {f: h.file_size for f, h in ckpt.headers.items()}
-        if not cache.verify(self.cache_dir, self.uri, sizes, digests=self.fetcher.digests):
+        try:
+            versions = {f: origin.version(f) for f in marker.get("files", {})}
+        except (OriginError, OSError):  # the origin cannot say: a fresh fetch will say why
+            return None
+        if not cache.verify(
+            self.cache_dir, self.uri, sizes, versions=versions, digests=self.fetcher.digests
+        ):
             return None
         return Manifest(self.uri, self.cache_dir, ckpt.config, ckpt.headers)
 

@@ -53,6 +53,11 @@ class Origin(Protocol):
         """Size in bytes of file ``name``."""
         ...
 
+    def version(self, name: str) -> str | None:
+        """What changes when file ``name`` changes, cheaply: size and modification time of a
+        file; length and ETag (or Last-Modified) over HTTP. None: the origin cannot tell."""
+        ...
+
     def read(self, name: str, start: int, length: int) -> bytes:
         """Read ``length`` bytes at ``start`` (for headers: small reads)."""
         ...
@@ -108,6 +113,10 @@ class FileOrigin:
     def size(self, name: str) -> int:
         return os.fstat(self._fd(name)).st_size
 
+    def version(self, name: str) -> str | None:
+        st = os.stat(self.root / name)  # by path: the file may have been replaced
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
     def read(self, name: str, start: int, length: int) -> bytes:
         data = os.pread(self._fd(name), length, start)
         if len(data) != length:
@@ -161,6 +170,7 @@ class HttpOrigin:
             timeout=Timeout(connect=timeout_s, read=timeout_s),
             headers={"Accept-Encoding": "identity"},
         )
+        self._heads: dict[str, urllib3.BaseHTTPResponse] = {}
 
     def _file_url(self, name: str) -> str:
         return f"{self.url}/{quote(name)}"
@@ -188,12 +198,22 @@ class HttpOrigin:
         raise OriginError(f"HTTP {resp.status} for bytes {start}-{end - 1}", url=url)
 
     def size(self, name: str) -> int:
-        resp = self._request("HEAD", name)
-        resp.release_conn()
-        length = resp.headers.get("Content-Length")
-        if resp.status != 200 or length is None:
-            raise OriginError(f"HTTP {resp.status} for HEAD", url=self._file_url(name))
-        return int(length)
+        return int(self._head(name).headers["Content-Length"])
+
+    def version(self, name: str) -> str | None:
+        headers = self._head(name).headers
+        validator = headers.get("ETag") or headers.get("Last-Modified")
+        return f"{headers['Content-Length']}:{validator}" if validator else None
+
+    def _head(self, name: str) -> urllib3.BaseHTTPResponse:
+        """One HEAD per file and fetch: size and version come from the same answer."""
+        if name not in self._heads:
+            resp = self._request("HEAD", name)
+            resp.release_conn()
+            if resp.status != 200 or resp.headers.get("Content-Length") is None:
+                raise OriginError(f"HTTP {resp.status} for HEAD", url=self._file_url(name))
+            self._heads[name] = resp
+        return self._heads[name]
 
     def read(self, name: str, start: int, length: int) -> bytes:
         out = bytearray(length)

@@ -50,7 +50,10 @@ class WeightsSettings(MeshSettings):
         20 << 30, description="Byte budget of the node cache; least recently used copies go."
     )
     weights_verify: bool = SettingField(
-        True, description="Record digests after a fetch; reuse a cached copy only if they match."
+        False,
+        description="Also hash every byte of a cached copy before reusing it (catches bit rot, "
+        "costs about 0.5 s per GB on a cold start); without it a copy is reused when its "
+        "origin's version and its files' sizes and modification times are unchanged.",
     )
     weights_workers: int = SettingField(4, description="Threads copying byte ranges.")
     weights_timeout_s: float = SettingField(30.0, description="An origin silent this long fails.")
