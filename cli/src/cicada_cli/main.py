@@ -193,11 +193,13 @@ def bench_mesh(
     print(
         f"warm p50 {w['mesh_p50_s'] * 1e3:.1f} ms through the mesh vs "
         f"{w['in_process_p50_s'] * 1e3:.1f} ms in-process (+{w['overhead_p50_s'] * 1e3:.1f} ms)"
-        f"; p99 {w['mesh_p99_s'] * 1e3:.1f} ms"
+        f"; p99 {w['mesh_p99_s'] * 1e3:.1f} ms; gateway → scheduler → loader "
+        f"{w['queue_p50_s'] * 1e3:.1f} ms"
     )
     print(
         f"cold p50 {c['mesh_p50_s']:.3f} s through the mesh vs {c['in_process_p50_s']:.3f} s "
-        f"in-process (target ≤ {c['target_s']:.3f} s)"
+        f"in-process (target ≤ {c['target_s']:.3f} s); from the node cache after the "
+        f"keep-alive {result['from_zero']['mesh_p50_s']:.3f} s"
     )
     print(
         f"throughput {t['requests_per_s']:.0f} req/s ({t['clients']} clients, tiny GPT-2), "

@@ -7,6 +7,8 @@ In one run, on one machine:
 - **cold**: a cold start through the mesh (a fresh registration each time, so the model is
   neither resident nor cached), timed by the client, against in-process ``cicada`` cold
   starts of the same checkpoint from the same origin, alternating;
+- **scale from zero**: a model unloaded after its keep-alive, then called again: a cold
+  start from the node cache, which the weights service reuses without reading it;
 - **throughput**: warm requests per second for a tiny model, from concurrent clients.
 """
 
@@ -35,6 +37,9 @@ def _request(model_dir: Path, seq_len: int) -> dict[str, Any]:
     return {
         "inputs": [{"name": "input_ids", "shape": [1, seq_len], "datatype": "INT64", "data": ids}]
     }
+
+
+KEEP_ALIVE_S = 2.0  # short, so that the scale-from-zero runs do not wait long
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -74,6 +79,7 @@ def run_mesh_bench(
             "CICADA_MODEL_ROOTS": roots,
             "CICADA_CACHE_DIR": str(work_dir / "mesh-cache"),
             "CICADA_LOG_JSON": "true",
+            "CICADA_LOADER_KEEP_ALIVE_S": str(KEEP_ALIVE_S),
         },
     )
     mesh.start()
@@ -83,6 +89,7 @@ def run_mesh_bench(
         with httpx.Client(base_url=mesh.url, timeout=600) as http:
             out["cold"] = _cold(http, model_dir, work_dir, cold, seq_len, console)
             out["warm"] = _warm(http, model_dir, work_dir, warm, seq_len, console)
+            out["from_zero"] = _from_zero(http, model_dir, cold, seq_len, console)
             out["throughput"] = _throughput(http, tiny_dir, throughput_s, clients, console)
     finally:
         mesh.stop()
@@ -144,22 +151,51 @@ def _warm(
     http.post(f"/v2/models/{name}/infer", json=body).raise_for_status()  # the cold start
     for _ in range(3):
         http.post(f"/v2/models/{name}/infer", json=body)
-    latencies, compute = [], []
+    latencies, compute, queue = [], [], []
     for _ in range(reps):
         start = time.perf_counter()
         resp = http.post(f"/v2/models/{name}/infer", json=body)
         latencies.append(time.perf_counter() - start)
-        compute.append(resp.json()["parameters"]["compute_s"])
+        params = resp.json()["parameters"]
+        compute.append(params["compute_s"])
+        queue.append(params["queue_s"])
     local = _worker("forward", model_dir, work, seq_len)["forward_runs_s"]
     p50, local_p50 = statistics.median(latencies), statistics.median(local)
     return {
         "mesh_p50_s": p50,
         "mesh_p99_s": _pct(latencies, 0.99),
         "loader_compute_p50_s": statistics.median(compute),
+        # from the gateway's publish to the loader's start: gateway → scheduler → loader
+        "queue_p50_s": statistics.median(queue),
         "in_process_p50_s": local_p50,
         "overhead_p50_s": p50 - local_p50,
         "target_s": local_p50 + 0.005,
         "met": p50 <= local_p50 + 0.005,
+    }
+
+
+def _from_zero(
+    http: httpx.Client, model_dir: Path, reps: int, seq_len: int, console: Console
+) -> dict[str, Any]:
+    console.print(f"{reps} cold starts from the node cache (after the keep-alive)")
+    name = f"{model_dir.name}-from-zero"
+    _register(http, name, model_dir)
+    body = _request(model_dir, seq_len)
+    http.post(f"/v2/models/{name}/infer", json=body).raise_for_status()  # fetched, cached
+    mesh_s, server_s = [], []
+    for _ in range(reps):
+        time.sleep(KEEP_ALIVE_S + 1.5)  # unloaded at the loader's next heartbeat
+        start = time.perf_counter()
+        resp = http.post(f"/v2/models/{name}/infer", json=body)
+        mesh_s.append(time.perf_counter() - start)
+        resp.raise_for_status()
+        params = resp.json()["parameters"]
+        assert params["cold_start"], params
+        server_s.append(params["e2e_s"])
+    return {
+        "mesh_s": mesh_s,
+        "loader_e2e_s": server_s,
+        "mesh_p50_s": statistics.median(mesh_s),
     }
 
 
