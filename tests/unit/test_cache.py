@@ -30,13 +30,13 @@ def rewrite_in_place(f: Path, offset: int) -> None:
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_digest_is_chunked_sha256(tmp_path: Path) -> None:
-    import hashlib
+def test_digest_is_blake3_of_the_whole_file(tmp_path: Path) -> None:
+    from blake3 import blake3
 
     f = tmp_path / "f"
-    f.write_bytes(b"x" * (cache.CHUNK + 10))
-    parts = hashlib.sha256(b"x" * cache.CHUNK).digest() + hashlib.sha256(b"x" * 10).digest()
-    assert cache.digest(f) == hashlib.sha256(parts).hexdigest()
+    data = os.urandom(3 << 20)
+    f.write_bytes(data)
+    assert cache.digest(f) == cache.digest(f, threads=1) == blake3(data).hexdigest()
 
 
 def test_verify_checks_uri_sizes_origin_version_and_modification(tmp_path: Path) -> None:

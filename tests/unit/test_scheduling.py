@@ -159,3 +159,16 @@ def test_an_unregistered_model_is_forgotten_in_every_cache_that_may_hold_it() ->
     state.node_cache["n3"] = {"other"}
     assert state.forget_cached("m") == ["n1", "n2"]  # where it was fetched; every live node
     assert "m" not in state.node_cache["n1"] and state.node_cache["n3"] == {"other"}
+
+
+def test_jobs_wait_while_their_model_is_prepared() -> None:
+    from cicada_scheduler.state import ModelRecord
+
+    state = State()
+    loader(state, "L", slots=2)
+    state.models["new"] = ModelRecord("new", "file:///new")  # preparing: no order yet
+    state.models["m"] = ModelRecord("m", "file:///m", state="ready")
+    accept_all(state, job("first", 9, model="new"), job("other", 0, model="m"))
+    assert [p.job.job.job_id for p in state.place()] == ["other"]  # not held up behind it
+    state.models["new"].state = "ready"
+    assert [p.job.job.job_id for p in state.place()] == ["first"]

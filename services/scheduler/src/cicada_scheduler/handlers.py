@@ -189,6 +189,7 @@ class Handlers:
             await self.dispatch()
         elif isinstance(message, ModelPrepared):
             self._prepared(message)
+            await self._release(message.model)
 
     def _prepared(self, message: ModelPrepared) -> None:
         record = self.state.models.get(message.model)
@@ -203,6 +204,22 @@ class Handlers:
         record.inputs, record.outputs = message.inputs, message.outputs
         self.store.save_model(record)
         log.info("model_ready", model=message.model)
+
+    async def _release(self, name: str) -> None:
+        """A model's preparation ended: its waiting jobs go on, or fail with the reason."""
+        model = self.state.models.get(name)
+        if model is None:
+            return
+        for record in self.state.pending():
+            if record.job.model != name:
+                continue
+            error = self._refuse(record.job)  # the inputs are checkable now, or it failed
+            if error is not None:
+                result = JobResult(
+                    job_id=record.job.job_id, model=name, state="failed", error=error
+                )
+                await self._deliver(record, result)
+        await self.dispatch()
 
     async def tick(self) -> None:
         """Loaders that went silent, jobs past their deadline, models still waiting."""

@@ -283,6 +283,9 @@ class State:
         if not any(r.free > 0 for r in self.alive()):
             return placements  # the usual case under load: no need to sort the backlog
         for record in self.pending():
+            model = self.models.get(record.job.model)
+            if model is not None and model.state == "preparing":
+                continue  # no execution order yet, and a loader is busy finding it: wait
             choice = self._choose(record.job.model)
             if choice is None:
                 break  # no free slot anywhere: the most urgent job waits, and so do the rest

@@ -1,53 +1,34 @@
 """The node-local cache: one directory per model, a replica of its origin files.
 
-A directory is *complete* when its ``.complete`` marker exists: the origin URI, each file's
-size and (once computed, after the fetch) its digest. A complete copy is reused only if its
-sizes match and, when asked, its digests do; the marker's mtime is its last use, and the
-least recently used copies are evicted when the cache outgrows its byte budget. Deleting a
-file a loader still maps is safe: the mapping keeps the old inode alive.
+A directory is *complete* when its ``.complete`` marker exists: the origin URI, and for each
+file its size and modification time, the origin's version of it, and (once computed, after
+the fetch) its BLAKE3 digest. A complete copy is reused only while all of these match (the
+digest when asked); the marker's mtime is its last use, and the least recently used copies
+are evicted when the cache outgrows its byte budget. Deleting a file a loader still maps is
+safe: the mapping keeps the old inode alive.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from blake3 import blake3
+
 COMPLETE = ".complete"
-#: The digest is SHA-256 over the SHA-256 of each 64 MiB chunk, so both cores can hash.
-CHUNK = 64 << 20
+DIGEST = "blake3"
 
 
-def digest(path: Path, *, threads: int = 2) -> str:
-    """Chunked SHA-256 of ``path`` (hashlib releases the GIL, so chunks hash in parallel)."""
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDONLY)
-
-    def chunk(offset: int) -> bytes:
-        h = hashlib.sha256()
-        view_end = min(size, offset + CHUNK)
-        pos = offset
-        while pos < view_end:
-            data = os.pread(fd, min(8 << 20, view_end - pos), pos)
-            if not data:
-                break
-            h.update(data)
-            pos += len(data)
-        return h.digest()
-
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(chunk, range(0, max(size, 1), CHUNK)))
-    finally:
-        os.close(fd)
-    return hashlib.sha256(b"".join(parts)).hexdigest()
+def digest(path: Path, *, threads: int = blake3.AUTO) -> str:
+    """BLAKE3 of ``path``, read through a memory map on ``threads`` threads (AUTO: all
+    cores): about 10 GB/s here, against 2 GB/s for SHA-256 on two threads."""
+    return blake3(max_threads=threads).update_mmap(path).hexdigest()
 
 
 def read_marker(directory: Path) -> dict[str, Any] | None:
@@ -67,7 +48,8 @@ def write_marker(directory: Path, uri: str, files: dict[str, dict[str, Any]]) ->
 def add_digests(directory: Path) -> None:
     """Compute and record the digest of every file of a complete copy.
 
-    Runs at the lowest CPU priority: a loader is probably still computing on these weights.
+    Runs on one thread at the lowest CPU priority: a loader is probably still computing on
+    these weights.
     """
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -75,7 +57,8 @@ def add_digests(directory: Path) -> None:
     if marker is None:
         return
     files = {
-        name: {**info, "sha256": digest(directory / name)} for name, info in marker["files"].items()
+        name: {**info, DIGEST: digest(directory / name, threads=1)}
+        for name, info in marker["files"].items()
     }
     write_marker(directory, marker["uri"], files)
 
@@ -97,9 +80,9 @@ def verify(
     when it is.
 
     Current: the origin's ``versions`` are those the copy was made from (an origin that
-    cannot tell its versions never has its copies reused). Intact: each file
-    has the size and modification time it had when the copy completed, and with ``digests``
-    its recorded SHA-256 (which costs a read of every byte).
+    cannot tell its versions never has its copies reused). Intact: each file has the size
+    and modification time it had when the copy completed, and with ``digests`` its recorded
+    BLAKE3 digest (a read of every byte, on every core: ~0.05 s for 440 MB here).
     """
     marker = read_marker(directory)
     if marker is None or marker.get("uri") != uri:
@@ -118,7 +101,7 @@ def verify(
             return False
     if digests:
         for name, info in files.items():
-            if "sha256" not in info or digest(directory / name) != info["sha256"]:
+            if DIGEST not in info or digest(directory / name) != info[DIGEST]:
                 return False
     os.utime(directory / COMPLETE)
     return True
