@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import shutil
 import threading
@@ -30,6 +31,15 @@ def fetch(uri: str, cache: Path, **kw: Any) -> list[Any]:
     with Fetcher(cache, timeout_s=kw.pop("timeout_s", 10.0), retries=kw.pop("retries", 1)) as f:
         handle = f.fetch(uri, events.put, options=opts, **kw)
         handle._done.wait(30)
+    out = []
+    while not events.empty():
+        out.append(events.get())
+    return out
+
+
+def fetch_with(fetcher: Fetcher, uri: str) -> list[Any]:
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    fetcher.fetch(uri, events.put, options=FetchOptions(reuse_cache=False)).wait(30)
     out = []
     while not events.empty():
         out.append(events.get())
@@ -109,6 +119,31 @@ def test_a_copy_of_an_origin_that_changed_is_not_reused(
         again = fetch(uri, cache, options=FetchOptions(reuse_cache=True))
         assert isinstance(again[-1], FetchDone) and again[-1].nbytes > 0, kind
         assert cached_file(again).read_bytes() == bytes(data), kind
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**config, "note": "edited"}))
+        edited = fetch(uri, cache, options=FetchOptions(reuse_cache=True))
+        assert edited[-1].nbytes > 0, kind  # the weights are the same; the config is not
+        assert "edited" in (cached_file(edited).parent / "config.json").read_text(), kind
+
+
+def test_a_copy_deleted_as_it_completes_fails_its_fetch_not_the_fetcher(
+    checkpoints: Callable[..., Path], tmp_path: Path
+) -> None:
+    src = checkpoints("gpt2")
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def delete_the_copy(event: Any) -> None:
+        events.put(event)
+        if isinstance(event, ManifestReady):
+            shutil.rmtree(event.manifest.cache_dir)  # e.g. the model was unregistered
+
+    with Fetcher(tmp_path, workers=2) as fetcher:
+        fetcher.fetch(str(src), delete_the_copy, options=FetchOptions(reuse_cache=False))
+        while not isinstance(last := events.get(timeout=30), FetchDone | FetchFailed):
+            pass
+        assert isinstance(last, FetchFailed)
+        after = fetch_with(fetcher, str(src))  # the same workers fetch the next one
+        assert isinstance(after[-1], FetchDone) and after[-1].nbytes > 0
 
 
 def test_truncated_origin_fails_before_fetching(

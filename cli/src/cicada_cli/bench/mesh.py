@@ -129,6 +129,7 @@ def _cold(
         # the next cold start through the mesh does (a resident model slows a fresh
         # process's page-cache writes on this VM, see docs/benchmarks.md)
         http.delete(f"/v2/repository/models/{name}").raise_for_status()
+        _wait_gone(work / "mesh-cache" / "files" / name)
     mesh_p50, local_p50 = statistics.median(mesh_s), statistics.median(local_s)
     return {
         "mesh_s": mesh_s,
@@ -184,7 +185,7 @@ def _from_zero(
     http.post(f"/v2/models/{name}/infer", json=body).raise_for_status()  # fetched, cached
     mesh_s, server_s = [], []
     for _ in range(reps):
-        time.sleep(KEEP_ALIVE_S + 1.5)  # unloaded at the loader's next heartbeat
+        time.sleep(KEEP_ALIVE_S + 2.5)  # unloaded at a heartbeat (1 s) after the keep-alive
         start = time.perf_counter()
         resp = http.post(f"/v2/models/{name}/infer", json=body)
         mesh_s.append(time.perf_counter() - start)
@@ -192,11 +193,21 @@ def _from_zero(
         params = resp.json()["parameters"]
         assert params["cold_start"], params
         server_s.append(params["e2e_s"])
+    http.delete(f"/v2/repository/models/{name}").raise_for_status()
     return {
         "mesh_s": mesh_s,
         "loader_e2e_s": server_s,
         "mesh_p50_s": statistics.median(mesh_s),
     }
+
+
+def _wait_gone(path: Path, timeout_s: float = 30.0) -> None:
+    """Until the weights service has deleted an unregistered model's copy."""
+    deadline = time.monotonic() + timeout_s
+    while path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} outlived its model")
+        time.sleep(0.05)
 
 
 def _throughput(

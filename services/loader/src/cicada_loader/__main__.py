@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-
-# Before torch loads OpenMP: its workers spin 300 000 rounds after each parallel region, so
-# after a forward pass they hold a core that the event loop, broker and gateway need.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from cicada_loader.service import LoaderService, LoaderSettings
 from cicada_shared.logs import configure_logging

@@ -220,10 +220,11 @@ class LoaderService:
                 result = await self.run(message)
             finally:
                 self.busy -= 1
-            # one channel writes these in this order, and the broker routes them so: the
-            # scheduler hears before the client, whose next request must find the model
-            # resident. A cold start may have evicted: its status goes before the result,
-            # which frees the slot the next job is placed in. The confirms come back together.
+            # one channel writes these in this order (its publish lock is FIFO), so the
+            # scheduler's copy is queued before the client's: a client's next request then
+            # finds the model resident, unless the scheduler's inbox is backed up. A cold
+            # start may have evicted: its status goes before the result, which frees the slot
+            # the next job is placed in. The confirms come back together.
             sends = [self.bus.publish(result, self.names.scheduler_inbox)]
             if result.cold or result.state != "succeeded":
                 sends.insert(0, self._status())

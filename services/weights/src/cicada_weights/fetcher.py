@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -212,6 +212,18 @@ class Fetcher:
             task.handle._run_range(task, buf)
 
 
+def origin_versions(origin: Origin, files: Iterable[str], *, index: bool) -> dict[str, str | None]:
+    """Each weight file's version at the origin, joined with those of ``config.json`` and of
+    the shard index: a change to any of them makes a cached copy stale."""
+    meta = [origin.version(CONFIG), *([origin.version(INDEX)] if index else [])]
+    if None in meta:
+        return dict.fromkeys(files)
+    return {
+        f: None if (v := origin.version(f)) is None else "|".join([v, *map(str, meta)])
+        for f in files
+    }
+
+
 def cache_key(uri: str) -> str:
     """A readable, collision-safe directory name for ``uri``."""
     base = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
@@ -333,7 +345,7 @@ class FetchHandle:
         (self.cache_dir / cache.COMPLETE).unlink(missing_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         ckpt = read_checkpoint(origin)
-        self._versions = {file: origin.version(file) for file in ckpt.headers}
+        self._versions = origin_versions(origin, ckpt.headers, index=ckpt.raw_index is not None)
         (self.cache_dir / CONFIG).write_bytes(ckpt.raw_config)
         if ckpt.raw_index is not None:
             (self.cache_dir / INDEX).write_bytes(ckpt.raw_index)
@@ -418,11 +430,17 @@ class FetchHandle:
                 return
             self._done.set()
         assert self.manifest is not None
-        files = {
-            f: cache.file_record(self.cache_dir / f, h.file_size, self._versions[f])
-            for f, h in self.manifest.headers.items()
-        }
-        cache.write_marker(self.cache_dir, self.uri, files)
+        try:
+            files = {
+                f: cache.file_record(self.cache_dir / f, h.file_size, self._versions[f])
+                for f, h in self.manifest.headers.items()
+            }
+            cache.write_marker(self.cache_dir, self.uri, files)
+        except OSError as exc:  # the copy was deleted under us: the fetch fails, not a worker
+            self.error = CicadaError(f"the cached copy went away as it completed: {exc}")
+            self._emit(FetchFailed(self.error, time.perf_counter()))
+            self._ended.set()
+            return
         self._emit(FetchDone(self.nbytes, time.perf_counter()))
         self._ended.set()
         if self.fetcher.digests:  # after the announcement: nobody waits for this
@@ -446,7 +464,8 @@ class FetchHandle:
             cached.close()
         sizes = {f: h.file_size for f, h in ckpt.headers.items()}
         try:
-            versions = {f: origin.version(f) for f in marker.get("files", {})}
+            index = (self.cache_dir / INDEX).exists()
+            versions = origin_versions(origin, marker.get("files", {}), index=index)
         except (OriginError, OSError):  # the origin cannot say: a fresh fetch will say why
             return None
         if not cache.verify(

@@ -114,7 +114,7 @@ class FileOrigin:
         return os.fstat(self._fd(name)).st_size
 
     def version(self, name: str) -> str | None:
-        st = os.stat(self.root / name)  # by path: the file may have been replaced
+        st = os.fstat(self._fd(name))  # the file this origin reads, even if since replaced
         return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
     def read(self, name: str, start: int, length: int) -> bytes:

@@ -88,6 +88,7 @@ class WeightsService:
             digests=settings.weights_verify,
         )
         self.active: dict[str, SharedFetch] = {}  # by model (the cache key)
+        self._deleting: dict[str, asyncio.Future[None]] = {}  # copies being deleted, by model
         self._outbox: asyncio.Queue[tuple[str, Contract] | None] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
 
@@ -116,6 +117,9 @@ class WeightsService:
 
     async def handle(self, message: Message, _incoming: AbstractIncomingMessage) -> None:
         if isinstance(message, FetchRequest):
+            deleting = self._deleting.get(message.model)
+            if deleting is not None:  # an unregistered copy of this name goes first
+                await deleting
             self._subscribe(message)
         elif isinstance(message, FetchCancel):
             self._unsubscribe(message.fetch_id)
@@ -185,11 +189,21 @@ class WeightsService:
             )
 
     async def _drop(self, model: str) -> None:
-        """An unregistered model's copy goes (one being fetched stays: a loader waits on it)."""
+        """An unregistered model's copy goes (one being fetched stays: a loader waits on it).
+        A fetch of the same name that arrives meanwhile waits for the deletion."""
         if model in self.active:
             log.info("cache_kept", model=model, reason="a fetch is in flight")
-        elif await asyncio.to_thread(cache.drop, self.fetcher.cache_root, model):
-            log.info("cache_dropped", model=model, reason="unregistered")
+            return
+        if model in self._deleting:
+            await self._deleting[model]
+            return
+        done = self._deleting[model] = asyncio.get_running_loop().create_future()
+        try:
+            if await asyncio.to_thread(cache.drop, self.fetcher.cache_root, model):
+                log.info("cache_dropped", model=model, reason="unregistered")
+        finally:
+            del self._deleting[model]
+            done.set_result(None)
 
     def _evict(self, keep: set[str]) -> None:
         """Bring the cache within its budget, sparing ``keep`` (in use, or just used)."""
