@@ -90,10 +90,17 @@ class Store:
             "loader_id": record.loader_id,
         }
         result = encode(record.result) if record.result is not None else None
-        self.db.execute(
-            "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)",
-            (record.job.job_id, encode(record.job), json.dumps(doc), result, record.finished_at),
+        job_id, state = record.job.job_id, json.dumps(doc)
+        # the job (its inputs) never changes: written once, then only what happened to it
+        changed = self.db.execute(
+            "UPDATE jobs SET doc = ?, result = ?, finished_at = ? WHERE job_id = ?",
+            (state, result, record.finished_at, job_id),
         )
+        if changed.rowcount == 0:
+            self.db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
+                (job_id, encode(record.job), state, result, record.finished_at),
+            )
 
     def load_jobs(self) -> list[JobRecord]:
         out = []
