@@ -30,13 +30,19 @@ def rewrite_in_place(f: Path, offset: int) -> None:
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_digest_is_blake3_of_the_whole_file(tmp_path: Path) -> None:
+def test_digest_is_blake3_of_the_chunks_blake3(tmp_path: Path) -> None:
     from blake3 import blake3
 
     f = tmp_path / "f"
-    data = os.urandom(3 << 20)
+    data = os.urandom(cache.CHUNK + 10)
     f.write_bytes(data)
-    assert cache.digest(f) == cache.digest(f, threads=1) == blake3(data).hexdigest()
+    parts = blake3(data[: cache.CHUNK]).digest() + blake3(data[cache.CHUNK :]).digest()
+    assert cache.digest(f) == cache.digest(f, threads=1) == blake3(parts).hexdigest()
+
+
+def test_a_copy_is_reused_before_its_digests_are_recorded(tmp_path: Path) -> None:
+    d = copy(tmp_path, "m", 1000, time.time())  # just fetched: the digest thread is behind
+    assert cache.verify(d, "file:///m", {"model.safetensors": 1000}, versions=V1, digests=True)
 
 
 def test_verify_checks_uri_sizes_origin_version_and_modification(tmp_path: Path) -> None:
@@ -57,7 +63,6 @@ def test_verify_checks_uri_sizes_origin_version_and_modification(tmp_path: Path)
 def test_digests_catch_what_sizes_and_times_cannot(tmp_path: Path) -> None:
     d = copy(tmp_path, "m", 1000, time.time())
     sizes = {"model.safetensors": 1000}
-    assert not cache.verify(d, "file:///m", sizes, versions=V1, digests=True)  # none recorded
     cache.add_digests(d)
     assert cache.verify(d, "file:///m", sizes, versions=V1, digests=True)
     rewrite_in_place(d / "model.safetensors", 500)

@@ -128,7 +128,13 @@ class Handlers:
     async def _send(self, placement: Placement) -> None:
         record, loader = placement.job, placement.loader
         job, loader_id = record.job, loader.status.loader_id
-        model = self.state.models[job.model]
+        model = self.state.models.get(job.model)
+        if model is None:  # unregistered as it was placed
+            error = ErrorInfo(kind="UnknownModel", message=f"model {job.model!r} was unregistered")
+            await self._deliver(
+                record, JobResult(job_id=job.job_id, model=job.model, state="failed", error=error)
+            )
+            return
         fetch_id = uuid.uuid4().hex if placement.cold else None
         run = RunJob(job=job, uri=model.uri, fetch_id=fetch_id, reply_to=record.reply_to)
         sends = [self.bus.publish(run, self.names.loader_queue(loader_id), priority=job.priority)]
@@ -370,6 +376,13 @@ class Handlers:
         if record is None:
             return _unknown_model(name)
         self.store.delete_model(name)
+        for waiting in self.state.pending():
+            if waiting.job.model == name:
+                error = ErrorInfo(kind="UnknownModel", message=f"model {name!r} was unregistered")
+                result = JobResult(
+                    job_id=waiting.job.job_id, model=name, state="failed", error=error
+                )
+                await self._deliver(waiting, result)
         doc = self._model_json(record)
         for loader_id in self.state.resident_on(name):
             await self.bus.publish(UnloadModel(model=name), self.names.loader_control(loader_id))

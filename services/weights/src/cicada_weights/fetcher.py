@@ -345,7 +345,10 @@ class FetchHandle:
         (self.cache_dir / cache.COMPLETE).unlink(missing_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         ckpt = read_checkpoint(origin)
-        self._versions = origin_versions(origin, ckpt.headers, index=ckpt.raw_index is not None)
+        try:
+            self._versions = origin_versions(origin, ckpt.headers, index=ckpt.raw_index is not None)
+        except (OriginError, OSError):  # the copy works; it will not be reused
+            self._versions = dict.fromkeys(ckpt.headers)
         (self.cache_dir / CONFIG).write_bytes(ckpt.raw_config)
         if ckpt.raw_index is not None:
             (self.cache_dir / INDEX).write_bytes(ckpt.raw_index)

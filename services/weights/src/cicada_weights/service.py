@@ -117,9 +117,9 @@ class WeightsService:
 
     async def handle(self, message: Message, _incoming: AbstractIncomingMessage) -> None:
         if isinstance(message, FetchRequest):
-            deleting = self._deleting.get(message.model)
-            if deleting is not None:  # an unregistered copy of this name goes first
-                await deleting
+            # an unregistered copy of this name goes first
+            while (deleting := self._deleting.get(message.model)) is not None:
+                await asyncio.shield(deleting)
             self._subscribe(message)
         elif isinstance(message, FetchCancel):
             self._unsubscribe(message.fetch_id)
@@ -195,11 +195,11 @@ class WeightsService:
             log.info("cache_kept", model=model, reason="a fetch is in flight")
             return
         if model in self._deleting:
-            await self._deleting[model]
+            await asyncio.shield(self._deleting[model])
             return
         done = self._deleting[model] = asyncio.get_running_loop().create_future()
         try:
-            if await asyncio.to_thread(cache.drop, self.fetcher.cache_root, model):
+            if await asyncio.shield(asyncio.to_thread(cache.drop, self.fetcher.cache_root, model)):
                 log.info("cache_dropped", model=model, reason="unregistered")
         finally:
             del self._deleting[model]
