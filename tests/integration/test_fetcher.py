@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import shutil
 import threading
@@ -28,9 +29,11 @@ from cicada_weights import (
 def fetch(uri: str, cache: Path, **kw: Any) -> list[Any]:
     events: queue.SimpleQueue[Any] = queue.SimpleQueue()
     opts = kw.pop("options", FetchOptions(reuse_cache=False))
-    with Fetcher(cache, timeout_s=kw.pop("timeout_s", 10.0), retries=kw.pop("retries", 1)) as f:
+    digests = kw.pop("digests", False)
+    timeout_s, retries = kw.pop("timeout_s", 10.0), kw.pop("retries", 1)
+    with Fetcher(cache, timeout_s=timeout_s, retries=retries, digests=digests) as f:
         handle = f.fetch(uri, events.put, options=opts, **kw)
-        handle._done.wait(30)
+        handle._ended.wait(30)  # the last event is out
     out = []
     while not events.empty():
         out.append(events.get())
@@ -124,6 +127,28 @@ def test_a_copy_of_an_origin_that_changed_is_not_reused(
         edited = fetch(uri, cache, options=FetchOptions(reuse_cache=True))
         assert edited[-1].nbytes > 0, kind  # the weights are the same; the config is not
         assert "edited" in (cached_file(edited).parent / "config.json").read_text(), kind
+
+
+def test_a_corrupt_cached_copy_fails_its_fetch_and_is_fetched_again(
+    checkpoints: Callable[..., Path], tmp_path: Path
+) -> None:
+    from cicada_weights import cache as node_cache
+
+    src = str(checkpoints("gpt2"))
+    copy = cached_file(fetch(src, tmp_path))
+    node_cache.add_digests(copy.parent)
+    st = copy.stat()
+    with copy.open("r+b") as f:  # bit rot: the same size and time, one byte different
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reused = fetch(src, tmp_path, options=FetchOptions(reuse_cache=True), digests=True)
+    assert isinstance(reused[-1], FetchFailed) and "corrupt" in str(reused[-1].error)
+    assert any(isinstance(e, PieceLanded) for e in reused)  # announced before the check
+    again = fetch(src, tmp_path, options=FetchOptions(reuse_cache=True), digests=True)
+    assert isinstance(again[-1], FetchDone) and again[-1].nbytes > 0
 
 
 def test_a_copy_deleted_as_it_completes_fails_its_fetch_not_the_fetcher(

@@ -40,34 +40,29 @@ def test_digest_is_blake3_of_the_chunks_blake3(tmp_path: Path) -> None:
     assert cache.digest(f) == cache.digest(f, threads=1) == blake3(parts).hexdigest()
 
 
-def test_a_copy_is_reused_before_its_digests_are_recorded(tmp_path: Path) -> None:
-    d = copy(tmp_path, "m", 1000, time.time())  # just fetched: the digest thread is behind
-    assert cache.verify(d, "file:///m", {"model.safetensors": 1000}, versions=V1, digests=True)
-
-
 def test_verify_checks_uri_sizes_origin_version_and_modification(tmp_path: Path) -> None:
     d = copy(tmp_path, "m", 1000, time.time())
     sizes = {"model.safetensors": 1000}
-    assert cache.verify(d, "file:///m", sizes, versions=V1, digests=False)
-    assert not cache.verify(d, "file:///other", sizes, versions=V1, digests=False)
-    assert not cache.verify(d, "file:///m", {"model.safetensors": 999}, versions=V1, digests=False)
+    assert cache.verify(d, "file:///m", sizes, versions=V1)
+    assert not cache.verify(d, "file:///other", sizes, versions=V1)
+    assert not cache.verify(d, "file:///m", {"model.safetensors": 999}, versions=V1)
     changed = {"model.safetensors": "v2"}  # the origin's file changed since the copy
-    assert not cache.verify(d, "file:///m", sizes, versions=changed, digests=False)
+    assert not cache.verify(d, "file:///m", sizes, versions=changed)
     unknown = {"model.safetensors": None}  # an origin that cannot tell
-    assert not cache.verify(d, "file:///m", sizes, versions=unknown, digests=False)
+    assert not cache.verify(d, "file:///m", sizes, versions=unknown)
     f = d / "model.safetensors"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))  # written since
-    assert not cache.verify(d, "file:///m", sizes, versions=V1, digests=False)
+    assert not cache.verify(d, "file:///m", sizes, versions=V1)
 
 
 def test_digests_catch_what_sizes_and_times_cannot(tmp_path: Path) -> None:
     d = copy(tmp_path, "m", 1000, time.time())
-    sizes = {"model.safetensors": 1000}
+    assert cache.digests_match(d)  # none recorded yet: a copy that young is trusted
     cache.add_digests(d)
-    assert cache.verify(d, "file:///m", sizes, versions=V1, digests=True)
+    assert cache.digests_match(d)
     rewrite_in_place(d / "model.safetensors", 500)
-    assert cache.verify(d, "file:///m", sizes, versions=V1, digests=False)
-    assert not cache.verify(d, "file:///m", sizes, versions=V1, digests=True)
+    assert cache.verify(d, "file:///m", {"model.safetensors": 1000}, versions=V1)
+    assert not cache.digests_match(d)
 
 
 def test_evict_least_recently_used_beyond_budget(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -471,19 +472,24 @@ class FetchHandle:
             versions = origin_versions(origin, marker.get("files", {}), index=index)
         except (OriginError, OSError):  # the origin cannot say: a fresh fetch will say why
             return None
-        if not cache.verify(
-            self.cache_dir, self.uri, sizes, versions=versions, digests=self.fetcher.digests
-        ):
+        if not cache.verify(self.cache_dir, self.uri, sizes, versions=versions):
             return None
         return Manifest(self.uri, self.cache_dir, ckpt.config, ckpt.headers)
 
     def _announce_cached(self, manifest: Manifest) -> None:
+        """Every piece at once; then, while the loader builds and runs on them, the bytes
+        against their digests. The fetch ends only after that check: a copy that fails it
+        is deleted and the fetch fails, so no result computed on it is returned."""
         self.manifest = manifest
         now = time.perf_counter()
         self._emit(ManifestReady(manifest, now))
         order = self.order(manifest) if callable(self.order) else (self.order or ())
         for piece in plan_pieces(manifest.headers, order, self.options.plan):
             self._emit(PieceLanded(piece, now, now))
+        if self.fetcher.digests and not cache.digests_match(self.cache_dir):
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            self._fail(CicadaError(f"the cached copy of {self.uri} is corrupt; it was deleted"))
+            return
         self._done.set()
         self._emit(FetchDone(0, time.perf_counter()))
         self._ended.set()

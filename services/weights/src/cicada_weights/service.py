@@ -51,9 +51,10 @@ class WeightsSettings(MeshSettings):
     )
     weights_verify: bool = SettingField(
         True,
-        description="Record each file's BLAKE3 digest after a fetch and check it before a "
-        "cached copy is reused (about 0.1 s per GB on a cold start); without it a copy is "
-        "reused when its origin's version and its files' sizes and modification times match.",
+        description="Record each file's digest (chunked BLAKE3) after a fetch, and check it "
+        "each time a cached copy is reused, while the loader starts on it: the fetch ends, "
+        "and the job's result is released, only if it matches. Without it a copy is reused "
+        "when its origin's version and its files' sizes and modification times match.",
     )
     weights_workers: int = SettingField(4, description="Threads copying byte ranges.")
     weights_timeout_s: float = SettingField(30.0, description="An origin silent this long fails.")
