@@ -2,10 +2,10 @@
 
 A directory is *complete* when its ``.complete`` marker exists: the origin URI, and for each
 file its size and modification time, the origin's version of it, and (once computed, after
-the fetch) its BLAKE3 digest. A complete copy is reused only while all of these match (the
-digest when asked); the marker's mtime is its last use, and the least recently used copies
-are evicted when the cache outgrows its byte budget. Deleting a file a loader still maps is
-safe: the mapping keeps the old inode alive.
+the fetch) its chunked BLAKE3 digest. A complete copy is reused while all but the digest
+match, and the digest is checked as the loader starts on it. The marker's mtime is its last
+use, and the least recently used copies are evicted when the cache outgrows its byte budget.
+Deleting a file a loader still maps is safe: the mapping keeps the old inode alive.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ READ = 8 << 20
 
 def digest(path: Path, *, threads: int = os.cpu_count() or 1) -> str:
     """Chunked BLAKE3 of ``path`` on ``threads`` threads (reads and hashing release the
-    GIL): ~5 GB/s here on two cores, against 2 GB/s for chunked SHA-256. Read with ``pread``, not a
-    memory map: a file truncated meanwhile gives a wrong digest, not a SIGBUS."""
+    GIL): ~5 GB/s here on two cores, against 2 GB/s for chunked SHA-256. Read with
+    ``pread``, not a memory map: a file truncated meanwhile gives a wrong digest, not a
+    SIGBUS."""
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
 
