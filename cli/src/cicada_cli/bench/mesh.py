@@ -118,13 +118,9 @@ def _cold(
         name = f"{model_dir.name}-cold-{i}-{uuid.uuid4().hex[:6]}"
         _register(http, name, model_dir)
         os.sync()
-        start = time.perf_counter()
-        resp = http.post(f"/v2/models/{name}/infer", json=body)
-        mesh_s.append(time.perf_counter() - start)
-        resp.raise_for_status()
-        params = resp.json()["parameters"]
-        assert params["cold_start"], params
-        server_s.append(params["e2e_s"])
+        client, loader = _timed_cold(http, name, body)
+        mesh_s.append(client)
+        server_s.append(loader)
         # unloaded, so that the next in-process run meets a node with nothing resident, as
         # the next cold start through the mesh does (a resident model slows a fresh
         # process's page-cache writes on this VM, see docs/benchmarks.md)
@@ -186,19 +182,26 @@ def _from_zero(
     mesh_s, server_s = [], []
     for _ in range(reps):
         time.sleep(KEEP_ALIVE_S + 2.5)  # unloaded at a heartbeat (1 s) after the keep-alive
-        start = time.perf_counter()
-        resp = http.post(f"/v2/models/{name}/infer", json=body)
-        mesh_s.append(time.perf_counter() - start)
-        resp.raise_for_status()
-        params = resp.json()["parameters"]
-        assert params["cold_start"], params
-        server_s.append(params["e2e_s"])
+        client, loader = _timed_cold(http, name, body)
+        mesh_s.append(client)
+        server_s.append(loader)
     http.delete(f"/v2/repository/models/{name}").raise_for_status()
     return {
         "mesh_s": mesh_s,
         "loader_e2e_s": server_s,
         "mesh_p50_s": statistics.median(mesh_s),
     }
+
+
+def _timed_cold(http: httpx.Client, name: str, body: dict[str, Any]) -> tuple[float, float]:
+    """One request that must be a cold start: seconds at the client, and the loader's E2E."""
+    start = time.perf_counter()
+    resp = http.post(f"/v2/models/{name}/infer", json=body)
+    seconds = time.perf_counter() - start
+    resp.raise_for_status()
+    params = resp.json()["parameters"]
+    assert params["cold_start"], params
+    return seconds, params["e2e_s"]
 
 
 def _wait_gone(path: Path, timeout_s: float = 30.0) -> None:

@@ -130,10 +130,7 @@ class Handlers:
         job, loader_id = record.job, loader.status.loader_id
         model = self.state.models.get(job.model)
         if model is None:  # unregistered as it was placed
-            error = ErrorInfo(kind="UnknownModel", message=f"model {job.model!r} was unregistered")
-            await self._deliver(
-                record, JobResult(job_id=job.job_id, model=job.model, state="failed", error=error)
-            )
+            await self._fail(record, "UnknownModel", f"model {job.model!r} was unregistered")
             return
         fetch_id = uuid.uuid4().hex if placement.cold else None
         run = RunJob(job=job, uri=model.uri, fetch_id=fetch_id, reply_to=record.reply_to)
@@ -212,19 +209,11 @@ class Handlers:
         log.info("model_ready", model=message.model)
 
     async def _release(self, name: str) -> None:
-        """A model's preparation ended: its waiting jobs go on, or fail with the reason."""
-        model = self.state.models.get(name)
-        if model is None:
-            return
+        """A model's preparation ended, or it was unregistered: its waiting jobs go on, or
+        fail with the reason (failed, unregistered, or inputs that do not fit)."""
         for record in self.state.pending():
-            if record.job.model != name:
-                continue
-            error = self._refuse(record.job)  # the inputs are checkable now, or it failed
-            if error is not None:
-                result = JobResult(
-                    job_id=record.job.job_id, model=name, state="failed", error=error
-                )
-                await self._deliver(record, result)
+            if record.job.model == name and (error := self._refuse(record.job)) is not None:
+                await self._fail(record, error.kind, error.message)
         await self.dispatch()
 
     async def tick(self) -> None:
@@ -234,36 +223,26 @@ class Handlers:
             for job_id in list(loader.running):
                 record = self.state.jobs.get(job_id)
                 if record is not None and record.finished_at is None:
-                    error = ErrorInfo(
-                        kind="LoaderLost",
-                        message=f"loader {loader.status.loader_id} stopped while running the job",
-                    )
-                    await self._deliver(
-                        record,
-                        JobResult(
-                            job_id=job_id, model=record.job.model, state="failed", error=error
-                        ),
-                    )
+                    why = f"loader {loader.status.loader_id} stopped while running the job"
+                    await self._fail(record, "LoaderLost", why)
         now = time.time()
         for record in self.state.pending():
             if record.job.deadline_s is not None and record.job.deadline_s < now:
-                error = ErrorInfo(
-                    kind="DeadlineExceeded", message="the deadline passed while the job waited"
-                )
-                await self._deliver(
-                    record,
-                    JobResult(
-                        job_id=record.job.job_id,
-                        model=record.job.model,
-                        state="failed",
-                        error=error,
-                    ),
+                await self._fail(
+                    record, "DeadlineExceeded", "the deadline passed while the job waited"
                 )
         await self._prepare_waiting()
         await self.dispatch()
         if self.state.forgotten:  # the jobs retention dropped from memory
             self.store.delete_jobs(self.state.forgotten)
             self.state.forgotten.clear()
+
+    async def _fail(self, record: JobRecord, kind: str, message: str) -> None:
+        error = ErrorInfo(kind=kind, message=message)
+        result = JobResult(
+            job_id=record.job.job_id, model=record.job.model, state="failed", error=error
+        )
+        await self._deliver(record, result)
 
     async def _deliver(self, record: JobRecord, result: JobResult) -> None:
         """Finish a job here (not on a loader): store, tell the submitter, settle."""
@@ -376,13 +355,7 @@ class Handlers:
         if record is None:
             return _unknown_model(name)
         self.store.delete_model(name)
-        for waiting in self.state.pending():
-            if waiting.job.model == name:
-                error = ErrorInfo(kind="UnknownModel", message=f"model {name!r} was unregistered")
-                result = JobResult(
-                    job_id=waiting.job.job_id, model=name, state="failed", error=error
-                )
-                await self._deliver(waiting, result)
+        await self._release(name)  # its waiting jobs fail: the model is not registered
         doc = self._model_json(record)
         for loader_id in self.state.resident_on(name):
             await self.bus.publish(UnloadModel(model=name), self.names.loader_control(loader_id))

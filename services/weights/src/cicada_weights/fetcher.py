@@ -22,7 +22,6 @@ import hashlib
 import itertools
 import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -493,7 +492,7 @@ class FetchHandle:
         for piece in plan_pieces(manifest.headers, order, self.options.plan):
             self._emit(PieceLanded(piece, now, now))
         if self.fetcher.digests and not cache.digests_match(self.cache_dir, threads=CHECK_THREADS):
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            cache.drop(self.cache_dir.parent, self.cache_dir.name)
             self._fail(CicadaError(f"the cached copy of {self.uri} is corrupt; it was deleted"))
             return
         self._done.set()
