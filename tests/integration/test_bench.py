@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cicada_cli.bench.mesh import InProcess
 from cicada_cli.main import app
 
 
@@ -117,3 +118,20 @@ def test_up_says_clearly_when_rabbitmq_is_unreachable(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(app, ["up", "--no-demo"])
     assert result.exit_code == 2
     assert "RabbitMQ is unreachable at 127.0.0.1:1" in result.output
+
+
+def test_the_in_process_reference_runs_one_forward_pass_per_request(
+    checkpoints: Callable[..., Path], tmp_path: Path
+) -> None:
+    body = {
+        "inputs": [
+            {"name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}
+        ]
+    }
+    local = InProcess(checkpoints("gpt2"), tmp_path, body)
+    try:
+        seconds = [local.forward() for _ in range(3)]
+    finally:
+        local.close()
+    assert all(0 < s < 10 for s in seconds)
+    assert local.proc.returncode == 0

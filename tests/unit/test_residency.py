@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cicada_loader.residency import JobScope, Residency, Resident
+from cicada_loader.residency import CHECKPOINTS, JobScope, Residency, Resident
 from cicada_shared.errors import InsufficientMemory, LoadCancelled
 
 
@@ -58,6 +58,20 @@ def test_cancelling_a_scope_stops_the_forward_between_layers() -> None:
         r.model(torch.ones(1, 2))
     assert entered == []  # the second layer never ran
     r.model(torch.ones(1, 2))  # outside the scope, the model runs
+
+
+def test_a_deep_model_checks_at_a_few_evenly_spread_units() -> None:
+    layers = [nn.Linear(2, 2) for _ in range(40)]
+    r = Resident("deep", nn.Sequential(*layers), 1)
+    assert len(r.hooks) <= CHECKPOINTS
+    ran: list[int] = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_, i=i: ran.append(i))
+    scope = JobScope("job")
+    layers[20].register_forward_hook(lambda *_: scope.cancel(LoadCancelled("half-way")))
+    with scope, pytest.raises(LoadCancelled), torch.inference_mode():
+        r.model(torch.ones(1, 2))
+    assert 20 < len(ran) <= 20 + -(-40 // CHECKPOINTS)  # stopped within one stride
 
 
 def test_scope_callbacks_fire_once_even_when_registered_late() -> None:

@@ -192,9 +192,10 @@ def bench_mesh(
     w, c, t = result["warm"], result["cold"], result["throughput"]
     print(
         f"warm p50 {w['mesh_p50_s'] * 1e3:.1f} ms through the mesh vs "
-        f"{w['in_process_p50_s'] * 1e3:.1f} ms in-process (+{w['overhead_p50_s'] * 1e3:.1f} ms)"
-        f"; p99 {w['mesh_p99_s'] * 1e3:.1f} ms; gateway → scheduler → loader "
-        f"{w['queue_p50_s'] * 1e3:.1f} ms"
+        f"{w['in_process_p50_s'] * 1e3:.1f} ms in-process (+{w['overhead_p50_s'] * 1e3:.1f} ms, "
+        f"paired +{w['paired_overhead_p50_s'] * 1e3:.1f} ms); p99 {w['mesh_p99_s'] * 1e3:.1f} ms"
+        f"; gateway → scheduler → loader {w['queue_p50_s'] * 1e3:.1f} ms"
+        f"; readiness probe (HTTP + 2 broker hops) {w['null_path_p50_s'] * 1e3:.1f} ms"
     )
     print(
         f"cold p50 {c['mesh_p50_s']:.3f} s through the mesh vs {c['in_process_p50_s']:.3f} s "

@@ -109,7 +109,18 @@ def ensure_checkpoints(models: list[str], models_dir: Path, console: Console) ->
         )
 
 
-def run_worker(
+def run_worker(cmd: list[str]) -> dict[str, Any]:
+    """One measurement in a fresh worker process (``worker_command``); ``{"error": ...}`` if
+    it failed."""
+    os.sync()  # every run starts with no dirty pages from the last one
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def worker_command(
     mode: str,
     uri: str,
     origin_dir: Path,
@@ -119,9 +130,8 @@ def run_worker(
     seq_len: int = 64,
     device: str = "cpu",
     cold: bool = False,
-) -> dict[str, Any]:
-    """One measurement in a fresh worker process; ``{"error": ...}`` if it failed."""
-    os.sync()  # every run starts with no dirty pages from the last one
+) -> list[str]:
+    """The command line of a worker process (``cicada_cli.bench.worker``)."""
     cmd = [
         sys.executable,
         "-m",
@@ -144,11 +154,7 @@ def run_worker(
     ]
     if cold:
         cmd.append("--cold")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        return {"error": tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return cmd
 
 
 def run_coldstart(
@@ -190,19 +196,17 @@ def run_coldstart(
                             description=f"{model} · {spec.label} · {name} "
                             f"(round {rnd + 1}/{repeat})",
                         )
-                        mode = "bound" if name == "bound" else "run"
-                        runs[name].append(
-                            run_worker(
-                                mode,
-                                uri,
-                                origin_dir,
-                                work_dir,
-                                variant=name,
-                                seq_len=seq_len,
-                                device=device,
-                                cold=spec.cold,
-                            )
+                        cmd = worker_command(
+                            "bound" if name == "bound" else "run",
+                            uri,
+                            origin_dir,
+                            work_dir,
+                            variant=name,
+                            seq_len=seq_len,
+                            device=device,
+                            cold=spec.cold,
                         )
+                        runs[name].append(run_worker(cmd))
                         bar.advance(task)
                 results.append(summarise(model, spec.label, runs, variants))
     return results

@@ -3,7 +3,9 @@
 In one run, on one machine:
 
 - **warm**: p50/p99 of a warm request through REST → gateway → RabbitMQ → scheduler →
-  loader → back, against the same forward pass timed in-process (a worker process);
+  loader → back, against the same forward pass on the same inputs timed in-process (a
+  worker process with the loader's threading settings), the two taking turns so that both
+  see the machine in the same state;
 - **cold**: a cold start through the mesh (a fresh registration each time, so the model is
   neither resident nor cached), timed by the client, against in-process ``cicada`` cold
   starts of the same checkpoint from the same origin, alternating;
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +29,8 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from cicada_cli.bench.coldstart import run_worker
-from cicada_cli.up import Mesh
+from cicada_cli.bench.coldstart import run_worker, worker_command
+from cicada_cli.up import GOMP_SPINCOUNT, Mesh
 
 
 def _request(model_dir: Path, seq_len: int) -> dict[str, Any]:
@@ -48,7 +51,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _worker(mode: str, model_dir: Path, work: Path, seq_len: int) -> dict[str, Any]:
-    result = run_worker(mode, str(model_dir), model_dir, work, seq_len=seq_len)
+    result = run_worker(worker_command(mode, str(model_dir), model_dir, work, seq_len=seq_len))
     if "error" in result:
         raise RuntimeError(f"{mode} worker failed: {result['error']}")
     return result
@@ -138,34 +141,82 @@ def _cold(
     }
 
 
+class InProcess:
+    """The same model in a worker process of its own, one forward pass on demand."""
+
+    def __init__(self, model_dir: Path, work: Path, body: dict[str, Any]) -> None:
+        env = {**os.environ, "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", GOMP_SPINCOUNT)}
+        self.proc = subprocess.Popen(
+            worker_command("serve", str(model_dir), model_dir, work),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self._send(json.dumps(body))
+
+    def forward(self) -> float:
+        self._send("")
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            raise RuntimeError(f"the in-process worker exited ({self.proc.wait()})")
+        return float(json.loads(line)["forward_s"])
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        self.proc.communicate(timeout=60)  # closes stdin: the worker ends
+
+
 def _warm(
     http: httpx.Client, model_dir: Path, work: Path, reps: int, seq_len: int, console: Console
 ) -> dict[str, Any]:
-    console.print(f"{reps} warm requests through the mesh, then in-process")
+    console.print(f"{reps} warm requests through the mesh and in-process, in turn")
     name = f"{model_dir.name}-warm"
     _register(http, name, model_dir)
     body = _request(model_dir, seq_len)
     http.post(f"/v2/models/{name}/infer", json=body).raise_for_status()  # the cold start
-    for _ in range(3):
-        http.post(f"/v2/models/{name}/infer", json=body)
-    latencies, compute, queue = [], [], []
-    for _ in range(reps):
-        start = time.perf_counter()
-        resp = http.post(f"/v2/models/{name}/infer", json=body)
-        latencies.append(time.perf_counter() - start)
-        params = resp.json()["parameters"]
-        compute.append(params["compute_s"])
-        queue.append(params["queue_s"])
-    local = _worker("forward", model_dir, work, seq_len)["forward_runs_s"]
-    p50, local_p50 = statistics.median(latencies), statistics.median(local)
+    local = InProcess(model_dir, work, body)
+    latencies, compute, queue, forwards, nulls = [], [], [], [], []
+    try:
+        for i in range(reps + 3):  # the first three of each are not timed
+            if i % 2:  # each goes first half of the time
+                forwards.append(local.forward())
+            start = time.perf_counter()
+            resp = http.post(f"/v2/models/{name}/infer", json=body)
+            latencies.append(time.perf_counter() - start)
+            resp.raise_for_status()
+            if not i % 2:
+                forwards.append(local.forward())
+            params = resp.json()["parameters"]
+            compute.append(params["compute_s"])
+            queue.append(params["queue_s"])
+            start = time.perf_counter()
+            http.get("/v2/health/ready").raise_for_status()
+            nulls.append(time.perf_counter() - start)
+    finally:
+        local.close()
+    latencies, compute, queue, forwards, nulls = (
+        x[3:] for x in (latencies, compute, queue, forwards, nulls)
+    )
+    p50, local_p50 = statistics.median(latencies), statistics.median(forwards)
     return {
         "mesh_p50_s": p50,
         "mesh_p99_s": _pct(latencies, 0.99),
         "loader_compute_p50_s": statistics.median(compute),
         # from the gateway's publish to the loader's start: gateway → scheduler → loader
         "queue_p50_s": statistics.median(queue),
+        # no compute: HTTP, gateway → scheduler → gateway (a readiness probe), after a pass
+        "null_path_p50_s": statistics.median(nulls),
         "in_process_p50_s": local_p50,
         "overhead_p50_s": p50 - local_p50,
+        # each mesh request against the in-process pass next to it
+        "paired_overhead_p50_s": statistics.median(
+            m - f for m, f in zip(latencies, forwards, strict=True)
+        ),
         "target_s": local_p50 + 0.005,
         "met": p50 <= local_p50 + 0.005,
     }

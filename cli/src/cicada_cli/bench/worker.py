@@ -2,6 +2,7 @@
 
     python -m cicada_cli.bench.worker run --uri URI --variant cicada --cache DIR --orders DIR
     python -m cicada_cli.bench.worker bound --uri URI --origin-dir DIR --cache DIR --orders DIR
+    python -m cicada_cli.bench.worker serve --uri URI ... < requests   (one forward per line)
 
 Prints one JSON object on its last line. Imports, the execution order and the inputs are
 ready before the clock starts: a loader process is warm, only the model is cold.
@@ -155,8 +156,11 @@ def bound(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def forward(args: argparse.Namespace) -> dict[str, Any]:
-    """Warm forward passes, in-process: the reference for a warm request through the mesh."""
+def serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Warm forward passes in-process, one per line on stdin: the reference for a warm request
+    through the mesh, timed in turn with it. The first line holds the request's inputs (Open
+    Inference Protocol JSON, integer tensors); each later line runs one forward pass and gets
+    its seconds back on stdout."""
     import torch
 
     from cicada_loader import cold_start
@@ -164,20 +168,24 @@ def forward(args: argparse.Namespace) -> dict[str, Any]:
     from cicada_loader.engine.order import OrderBook
 
     result = cold_start(args.uri, cache_dir=args.cache, orders=OrderBook(args.orders))
-    inputs = result.arch.sample_inputs(seq_len=args.seq_len)
-    times = []
+    inputs = {
+        i["name"]: torch.tensor(i["data"], dtype=torch.int64).reshape(i["shape"])
+        for i in json.loads(sys.stdin.readline())["inputs"]
+    }
+    runs = 0
     with torch.inference_mode():
-        for _ in range(53):
+        for _ in sys.stdin:
             start = time.perf_counter()
             flatten_outputs(result.model(**inputs))
-            times.append(time.perf_counter() - start)
-    return {"forward_runs_s": times[3:]}
+            print(json.dumps({"forward_s": time.perf_counter() - start}), flush=True)
+            runs += 1
+    return {"runs": runs}
 
 
 def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["run", "bound", "forward"])
+    parser.add_argument("mode", choices=["run", "bound", "serve"])
     parser.add_argument("--uri", required=True)
     parser.add_argument("--origin-dir", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True)
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cold", action="store_true", help="evict the origin from page cache")
     args = parser.parse_args(argv)
     try:
-        out = {"run": run, "bound": bound, "forward": forward}[args.mode](args)
+        out = {"run": run, "bound": bound, "serve": serve}[args.mode](args)
     finally:
         shutil.rmtree(args.cache, ignore_errors=True)
     print(json.dumps(out), flush=True)

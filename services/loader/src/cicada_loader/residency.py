@@ -4,8 +4,10 @@
   (scale to zero) or until room is needed: before a cold start, the least recently used idle
   models are evicted until the new one fits the memory budget.
 - Every running job has a ``JobScope``; cancelling it (a cancel request, or its deadline)
-  makes the job stop at the next layer: resident models carry a pre-hook on every unit that
-  checks the scope of the job running on the current thread.
+  makes the job stop soon: resident models carry a pre-hook on at most ``CHECKPOINTS`` units,
+  evenly spread, that checks the scope of the job running on the current thread. (A hook on
+  every unit cost bert-base ~0.9 ms of a 37 ms forward pass: each hooked module leaves
+  torch's fast call path.)
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from cicada_loader.engine.skeleton import unit_modules
 from cicada_shared.errors import CicadaError, InsufficientMemory
 
 _current = threading.local()
+
+#: units of a resident model that check for cancellation on the way in
+CHECKPOINTS = 16
 
 
 class JobScope:
@@ -80,9 +85,9 @@ class Resident:
     hooks: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.hooks = [
-            m.register_forward_pre_hook(_check_scope) for _, m in unit_modules(self.model)
-        ]
+        units = [m for _, m in unit_modules(self.model)]
+        step = max(1, -(-len(units) // CHECKPOINTS))
+        self.hooks = [m.register_forward_pre_hook(_check_scope) for m in units[::step]]
 
 
 class Residency:

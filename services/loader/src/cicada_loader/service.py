@@ -220,18 +220,20 @@ class LoaderService:
                 result = await self.run(message)
             finally:
                 self.busy -= 1
-            # one channel writes these in this order (its publish lock is FIFO), so the
-            # scheduler's copy is queued before the client's: a client's next request then
-            # finds the model resident, unless the scheduler's inbox is backed up. A cold
-            # start may have evicted: its status goes before the result, which frees the slot
-            # the next job is placed in. The confirms come back together.
+            # one channel writes these in this order (its publish lock is FIFO); the confirms
+            # come back together. After a cold start (which may have evicted) or a failure,
+            # the status and then the scheduler's copy go first, so that a client's next
+            # request finds the model resident. After a warm job the client's copy goes
+            # first (a broker hop sooner): the scheduler already knows the model is
+            # resident, and its copy, sent in the same write, reaches it before the
+            # client's next request can.
             sends = [self.bus.publish(result, self.names.scheduler_inbox)]
-            if result.cold or result.state != "succeeded":
+            warm = not result.cold and result.state == "succeeded"
+            if not warm:
                 sends.insert(0, self._status())
             if message.reply_to:
-                sends.append(
-                    self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)
-                )
+                reply = self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)
+                sends.insert(0 if warm else len(sends), reply)
             await asyncio.gather(*sends)
 
     # -- work ----------------------------------------------------------------------------
