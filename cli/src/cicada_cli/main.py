@@ -197,6 +197,12 @@ def bench_mesh(
         f"; gateway → scheduler → loader {w['queue_p50_s'] * 1e3:.1f} ms"
         f"; readiness probe (HTTP + 2 broker hops) {w['null_path_p50_s'] * 1e3:.1f} ms"
     )
+    tiny = result["warm_tiny"]
+    print(
+        f"warm p50, tiny GPT-2: {tiny['mesh_p50_s'] * 1e3:.1f} ms through the mesh vs "
+        f"{tiny['in_process_p50_s'] * 1e3:.1f} ms in-process "
+        f"(+{tiny['overhead_p50_s'] * 1e3:.1f} ms)"
+    )
     print(
         f"cold p50 {c['mesh_p50_s']:.3f} s through the mesh vs {c['in_process_p50_s']:.3f} s "
         f"in-process (target ≤ {c['target_s']:.3f} s); from the node cache after the "

@@ -11,6 +11,7 @@ In one run, on one machine:
   starts of the same checkpoint from the same origin, alternating;
 - **scale from zero**: a model unloaded after its keep-alive, then called again: a cold
   start from the node cache, which the weights service reuses without reading it;
+- **warm, tiny**: the same for a tiny GPT-2, where the forward pass is a millisecond or two;
 - **throughput**: warm requests per second for a tiny model, from concurrent clients.
 """
 
@@ -92,6 +93,7 @@ def run_mesh_bench(
         with httpx.Client(base_url=mesh.url, timeout=600) as http:
             out["cold"] = _cold(http, model_dir, work_dir, cold, seq_len, console)
             out["warm"] = _warm(http, model_dir, work_dir, warm, seq_len, console)
+            out["warm_tiny"] = _warm(http, tiny_dir, work_dir, warm, seq_len, console)
             out["from_zero"] = _from_zero(http, model_dir, cold, seq_len, console)
             out["throughput"] = _throughput(http, tiny_dir, throughput_s, clients, console)
     finally:
