@@ -25,11 +25,6 @@ from urllib.parse import urlparse
 from cicada_shared.topology import Names, purge
 
 SERVICES = ("cicada_scheduler", "cicada_weights", "cicada_loader", "cicada_gateway")
-#: OpenMP reads this when torch loads it, before any of our code runs: its workers then spin
-#: 10 000 rounds (not 300 000) after a parallel region, and give the core back to the event
-#: loop, the broker and the gateway soon after a forward pass. The loader's Dockerfile sets
-#: the same; a value already in the environment wins.
-GOMP_SPINCOUNT = "10000"
 
 
 class BrokerUnreachable(RuntimeError):
@@ -75,9 +70,8 @@ class Mesh:
             ("scheduler", "cicada_scheduler", {}),
             ("weights", "cicada_weights", {}),
         ]
-        spin = {"GOMP_SPINCOUNT": env.get("GOMP_SPINCOUNT", GOMP_SPINCOUNT)}
         plan += [
-            (f"loader-{i}", "cicada_loader", {"CICADA_LOADER_ID": f"{node}-loader-{i}", **spin})
+            (f"loader-{i}", "cicada_loader", {"CICADA_LOADER_ID": f"{node}-loader-{i}"})
             for i in range(self.loaders)
         ]
         plan.append(("gateway", "cicada_gateway", {}))

@@ -31,7 +31,8 @@ import httpx
 from rich.console import Console
 
 from cicada_cli.bench.coldstart import run_worker, worker_command
-from cicada_cli.up import GOMP_SPINCOUNT, Mesh
+from cicada_cli.up import Mesh
+from cicada_loader import GOMP_SPINCOUNT
 
 
 def _request(model_dir: Path, seq_len: int) -> dict[str, Any]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+from cicada_loader import GOMP_SPINCOUNT
+
+os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # before torch loads, below
 
 from cicada_loader.service import LoaderService, LoaderSettings
 from cicada_shared.logs import configure_logging
