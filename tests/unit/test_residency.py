@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cicada_loader.residency import CHECKPOINTS, JobScope, Residency, Resident
+from cicada_loader.residency import CHECKPOINTS, JobScope, Residency, Resident, spread
 from cicada_shared.errors import InsufficientMemory, LoadCancelled
 
 
@@ -72,6 +73,15 @@ def test_a_deep_model_checks_at_a_few_evenly_spread_units() -> None:
     with scope, pytest.raises(LoadCancelled), torch.inference_mode():
         r.model(torch.ones(1, 2))
     assert 20 < len(ran) <= 20 + -(-40 // CHECKPOINTS)  # stopped within one stride
+
+
+def test_checked_units_are_spread_from_the_first_to_the_last() -> None:
+    assert spread(5) == [0, 1, 2, 3, 4]
+    for n in (17, 40, 101):
+        picked = spread(n)
+        assert len(picked) == CHECKPOINTS and picked[0] == 0 and picked[-1] == n - 1
+        gaps = [b - a for a, b in itertools.pairwise(picked)]
+        assert max(gaps) - min(gaps) <= 1
 
 
 def test_scope_callbacks_fire_once_even_when_registered_late() -> None:

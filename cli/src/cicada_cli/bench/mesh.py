@@ -156,7 +156,11 @@ class InProcess:
             text=True,
             env=env,
         )
-        self._send(json.dumps(body))
+        try:
+            self._send(json.dumps(body))
+        except BaseException:
+            self.close()
+            raise
 
     def forward(self) -> float:
         self._send("")
@@ -167,11 +171,19 @@ class InProcess:
 
     def _send(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise RuntimeError(f"the in-process worker exited ({self.proc.wait()})") from None
 
     def close(self) -> None:
-        self.proc.communicate(timeout=60)  # closes stdin: the worker ends
+        """Close its stdin (the worker ends); kill it if it has not ended within a minute."""
+        try:
+            self.proc.communicate(timeout=60)
+        except (subprocess.TimeoutExpired, OSError):
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _warm(

@@ -225,8 +225,8 @@ class LoaderService:
             # the status and then the scheduler's copy go first, so that a client's next
             # request finds the model resident. After a warm job the client's copy goes
             # first (a broker hop sooner): the scheduler already knows the model is
-            # resident, and its copy, sent in the same write, reaches it before the
-            # client's next request can.
+            # resident, and its copy, written right after, reaches it about a millisecond
+            # later, well before the client's next request can (docs/architecture.md).
             sends = [self.bus.publish(result, self.names.scheduler_inbox)]
             warm = not result.cold and result.state == "succeeded"
             if not warm:
@@ -382,6 +382,7 @@ class LoaderService:
                 out = flatten_outputs(resident.model(**args))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+            scope.check()  # cancelled after the last checked unit
             return out, time.perf_counter() - start
         finally:
             resident.in_use -= 1
