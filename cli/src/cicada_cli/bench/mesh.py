@@ -148,7 +148,7 @@ class InProcess:
     """The same model in a worker process of its own, one forward pass on demand."""
 
     def __init__(self, model_dir: Path, work: Path, body: dict[str, Any]) -> None:
-        env = {**os.environ, "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", GOMP_SPINCOUNT)}
+        env = {"GOMP_SPINCOUNT": GOMP_SPINCOUNT, **os.environ}  # as a loader sets it
         self.proc = subprocess.Popen(
             worker_command("serve", str(model_dir), model_dir, work),
             stdin=subprocess.PIPE,

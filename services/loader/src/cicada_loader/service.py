@@ -227,14 +227,16 @@ class LoaderService:
             # first (a broker hop sooner): the scheduler already knows the model is
             # resident, and its copy, written right after, reaches it about a millisecond
             # later, well before the client's next request can (docs/architecture.md).
-            sends = [self.bus.publish(result, self.names.scheduler_inbox)]
-            warm = not result.cold and result.state == "succeeded"
-            if not warm:
-                sends.insert(0, self._status())
-            if message.reply_to:
-                reply = self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)
-                sends.insert(0 if warm else len(sends), reply)
-            await asyncio.gather(*sends)
+            to_scheduler = self.bus.publish(result, self.names.scheduler_inbox)
+            replies = (
+                [self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)]
+                if message.reply_to
+                else []
+            )
+            if not result.cold and result.state == "succeeded":
+                await asyncio.gather(*replies, to_scheduler)
+            else:
+                await asyncio.gather(self._status(), to_scheduler, *replies)
 
     # -- work ----------------------------------------------------------------------------
 

@@ -24,8 +24,6 @@ from blake3 import blake3
 
 COMPLETE = ".complete"
 DIGEST = "blake3"
-
-
 #: The digest is BLAKE3 over the BLAKE3 of each 64 MiB chunk, so chunks hash in parallel.
 CHUNK = 64 << 20
 READ = 8 << 20
@@ -126,15 +124,16 @@ def verify(
     return True
 
 
-def digests_match(directory: Path, *, threads: int = 1) -> bool:
+def digests_match(directory: Path) -> bool:
     """Do the copy's files still have the digests recorded after its fetch? (A read of every
-    byte: ~0.15 s per 440 MB and thread here.) True while none are recorded yet: they take
-    seconds, and a copy that young has had no time to rot."""
+    byte, on every core: ~0.15 s per 440 MB and core here; it runs while the loader computes
+    beside it.) True while none are recorded yet: they take seconds, and a copy that young
+    has had no time to rot."""
     marker = read_marker(directory)
     if marker is None:
         return False
     for name, info in marker.get("files", {}).items():
-        if DIGEST in info and digest(directory / name, threads=threads) != info[DIGEST]:
+        if DIGEST in info and digest(directory / name) != info[DIGEST]:
             return False
     return True
 

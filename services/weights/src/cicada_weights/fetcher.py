@@ -212,12 +212,6 @@ class Fetcher:
             task.handle._run_range(task, buf)
 
 
-#: Threads checking a reused copy's digests while the loader computes beside them: on this
-#: 2-core machine one or two made no measurable difference for bert-base; two halve the check
-#: of a large checkpoint, which then outlasts its cold start.
-CHECK_THREADS = os.cpu_count() or 1
-
-
 def origin_versions(origin: Origin, files: Iterable[str], *, index: bool) -> dict[str, str | None]:
     """Each weight file's version at the origin, joined with those of ``config.json`` and of
     the shard index: a change to any of them makes a cached copy stale."""
@@ -491,7 +485,7 @@ class FetchHandle:
         order = self.order(manifest) if callable(self.order) else (self.order or ())
         for piece in plan_pieces(manifest.headers, order, self.options.plan):
             self._emit(PieceLanded(piece, now, now))
-        if self.fetcher.digests and not cache.digests_match(self.cache_dir, threads=CHECK_THREADS):
+        if self.fetcher.digests and not cache.digests_match(self.cache_dir):
             cache.drop(self.cache_dir.parent, self.cache_dir.name)
             self._fail(CicadaError(f"the cached copy of {self.uri} is corrupt; it was deleted"))
             return
