@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from cicada_loader import VARIANTS, cold_start, prepare
 from cicada_loader.engine.arch import flatten_outputs, resolve
 from cicada_loader.engine.order import OrderBook
 from cicada_loader.engine.zoo import MODELS, VGG
+from cicada_shared.errors import InvalidInput
 from cicada_weights.origins import open_origin
 
 ZOO = list(MODELS)
@@ -100,6 +102,30 @@ def test_tied_weights_stay_tied(checkpoints: Callable[..., Path], tmp_path: Path
     result = cold_start(checkpoints("gpt2"), cache_dir=tmp_path, reuse_cache=False)
     model: Any = result.model
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("variant", ["cicada", "naive"])
+@pytest.mark.parametrize(
+    ("inputs", "says"),
+    [
+        ({"input_ids": [[1, 1000]]}, "input_ids holds 1000; this model has 1000 token ids"),
+        ({"input_ids": [[-1, 2]]}, "input_ids holds -1"),
+        ({"input_ids": [[1] * 129]}, "the sequence has 129 tokens; this model takes at most 128"),
+        ({"input_ids": [[1, 2]], "token_type_ids": [[0, 2]]}, "token_type_ids holds 2"),
+        ({"input_ids": [[1, 2]], "attention_mask": [[1]]}, "attention_mask has shape [1, 1]"),
+        ({"input_ids": [1, 2]}, "shape [batch, sequence], got [2]"),
+    ],
+)
+def test_text_inputs_the_model_cannot_take_are_refused_by_name(
+    checkpoints: Callable[..., Path],
+    tmp_path: Path,
+    variant: str,
+    inputs: dict[str, Any],
+    says: str,
+) -> None:
+    tensors = {k: torch.tensor(v) for k, v in inputs.items()}
+    with pytest.raises(InvalidInput, match=re.escape(says)):
+        cold_start(checkpoints("bert-base"), tensors, variant=variant, cache_dir=tmp_path)
 
 
 def test_cicada_applies_zero_copy_views(checkpoints: Callable[..., Path], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +15,17 @@ import aio_pika
 import msgpack
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from cicada_shared.contracts import CONTENT_TYPE, InferJob, JobResult, Tensor, decode, encode
+from cicada_shared.contracts import (
+    CONTENT_TYPE,
+    Health,
+    InferJob,
+    JobResult,
+    Tensor,
+    decode,
+    encode,
+)
 from cicada_shared.topology import JOB_ROUTING_KEY
 from tests.integration.mesh_fixtures import (
     AMQP_URL,
@@ -26,6 +36,7 @@ from tests.integration.mesh_fixtures import (
     logs,
     next_result,
     reference,
+    wait_models_ready,
 )
 
 IDS = [[5, 17, 42, 7, 99, 3]]
@@ -209,6 +220,58 @@ GOOD = infer_body("input_ids", [[1, 2]], [1, 2])
             413,
             "limit",
         ),
+        (
+            "/v2/models/tiny-gpt2/infer",
+            {
+                "content": b'{"inputs": [{"name": "input_ids", "shape": [1, 1], '
+                b'"datatype": "INT64", "data": [1]}], "parameters": {"timeout_s": NaN}}',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "timeout_s",
+        ),
+        (
+            "/v2/models/tiny-gpt2/infer",
+            {"json": infer_body("input_ids", [], [2**64, 0])},
+            400,
+            "holds no values",
+        ),
+        (
+            "/v2/models/tiny-gpt2/infer",
+            {"json": infer_body("input_ids", [[1, 1000]], [1, 2])},
+            400,
+            "holds 1000; this model has 1000 token ids",
+        ),
+        (
+            "/v2/models/tiny-gpt2/infer",
+            {"json": infer_body("input_ids", [[1] * 129], [1, 129])},
+            400,
+            "takes at most 128",
+        ),
+        (
+            "/v2/models/tiny-bert/infer",
+            {
+                "json": {
+                    "inputs": [
+                        *GOOD["inputs"],
+                        {
+                            "name": "attention_mask",
+                            "shape": [1, 3],
+                            "datatype": "INT64",
+                            "data": [1, 1, 1],
+                        },
+                    ]
+                }
+            },
+            400,
+            "attention_mask has shape [1, 3]",
+        ),
+        (
+            "/v2/models/tiny-gpt2/infer",
+            {"json": infer_body("input_ids", [[i % 1000 for i in range(128)]] * 5, [5, 128])},
+            413,
+            "the outputs take 2560000 bytes",
+        ),
         ("/v2/repository/models/x", {"json": {"uri": "file:///etc"}}, 400, "outside the allowed"),
         ("/v2/repository/models/x", {"json": {"uri": "file:///tmp/../etc/passwd"}}, 400, "'..'"),
         ("/v2/repository/models/x", {"json": {"uri": "ftp://example.com/m"}}, 400, "scheme"),
@@ -226,6 +289,62 @@ def test_bad_input_gets_a_clear_4xx(
         assert resp.status_code == status, resp.text
         assert says in resp.json()["error"]
         assert http.get("/v2/health/ready").status_code == 200  # nothing crashed
+
+
+def test_json_bodies_whatever_their_content_type_and_errors_always_json(
+    mesh: RunningMesh,
+) -> None:
+    """``curl -d`` labels JSON as form data; unknown routes answer in the same error shape."""
+    body = (
+        b'{"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]}]}'
+    )
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    with mesh.client() as http:
+        assert http.post("/v2/models/tiny-gpt2/infer", content=body, headers=form).is_success
+        binary = {**form, "inference-header-content-length": "10"}
+        refused = http.post("/v2/models/tiny-gpt2/infer", content=body, headers=binary)
+        assert refused.status_code == 415 and "binary" in refused.json()["error"]
+        missing = http.get("/v2/no-such-route")
+        assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+        wrong = http.put("/v2/models/tiny-gpt2/infer", json=GOOD)
+        assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_a_result_too_large_for_the_broker_fails_only_its_job(mesh: RunningMesh) -> None:
+    """The loader refuses to send it (the broker would close the channel), the job fails
+    with the reason, and the loader serves the next request."""
+    big = infer_body("input_ids", [[i % 1000 for i in range(128)]] * 5, [5, 128])
+    with mesh.client() as http:
+        job = http.post("/v2/models/tiny-gpt2/jobs", json=big).json()["id"]
+        deadline = time.monotonic() + 60
+        while (state := http.get(f"/v2/jobs/{job}").json())["state"] not in ("failed", "succeeded"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        assert state["state"] == "failed" and state["error"]["kind"] == "MessageTooLarge"
+        for _ in range(4):  # both loaders are free again
+            assert http.post("/v2/models/tiny-gpt2/infer", json=GOOD).status_code == 200
+
+
+def test_reregistering_a_name_serves_the_new_checkpoint(mesh: RunningMesh) -> None:
+    first, second = mesh.models_dir / "swap-a", mesh.models_dir / "swap-b"
+    for target in (first, second):
+        shutil.copytree(mesh.models_dir / "tiny-gpt2", target, dirs_exist_ok=True)
+    weights = load_file(second / "model.safetensors")
+    save_file(
+        {k: v * 2 for k, v in weights.items()}, second / "model.safetensors", {"format": "pt"}
+    )
+    body = infer_body("input_ids", IDS, [1, 6])
+    with mesh.client() as http:
+        assert http.post("/v2/repository/models/swap", json={"uri": str(first)}).is_success
+        for _ in range(2):  # resident on one or both loaders
+            assert http.post("/v2/models/swap/infer", json=body).is_success
+        assert http.post("/v2/repository/models/swap", json={"uri": str(second)}).is_success
+        wait_models_ready(mesh.url, ["swap"])
+        outputs = [http.post("/v2/models/swap/infer", json=body).json() for _ in range(3)]
+    want = reference(second, input_ids=torch.tensor(IDS))["logits"]
+    for out in outputs:
+        got = {o["name"]: as_tensor(o) for o in out["outputs"]}
+        assert torch.equal(got["logits"], want)
 
 
 def test_registering_a_broken_checkpoint(mesh: RunningMesh, tmp_path: Path) -> None:
@@ -272,6 +391,31 @@ def test_undecodable_amqp_job_is_dead_lettered_and_failed(mesh: RunningMesh) -> 
         status = http.get(f"/v2/jobs/{job_id}").json()
         assert status["state"] == "failed" and "undecodable" in status["error"]["message"]
         assert http.get("/v2/health/ready").status_code == 200
+
+
+def test_a_message_of_the_wrong_kind_is_dead_lettered(mesh: RunningMesh) -> None:
+    """It decodes, but has no business on the weights' or the scheduler's queue."""
+
+    async def send() -> int:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            dead = await channel.declare_queue(mesh.names.dead_queue, durable=True, passive=True)
+            before = dead.declaration_result.message_count or 0
+            for queue in (
+                mesh.names.weights_queue(socket.gethostname()),
+                mesh.names.scheduler_inbox,
+            ):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(encode(Health()), content_type=CONTENT_TYPE), routing_key=queue
+                )
+            await asyncio.sleep(0.5)
+            dead = await channel.declare_queue(mesh.names.dead_queue, durable=True, passive=True)
+            return (dead.declaration_result.message_count or 0) - before
+
+    assert asyncio.run(send()) == 2
+    with mesh.client() as http:
+        assert http.post("/v2/models/tiny-gpt2/infer", json=GOOD).status_code == 200
 
 
 def test_metrics_and_openapi(mesh: RunningMesh) -> None:

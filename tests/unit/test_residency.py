@@ -17,7 +17,7 @@ from cicada_shared.errors import InsufficientMemory, LoadCancelled
 
 def resident(name: str, nbytes: int, last_used: float = 0.0) -> Resident:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    r = Resident(name, model, nbytes)
+    r = Resident(name, f"file:///{name}", model, nbytes)
     r.last_used = last_used
     return r
 
@@ -63,7 +63,7 @@ def test_cancelling_a_scope_stops_the_forward_between_layers() -> None:
 
 def test_a_deep_model_checks_at_a_few_evenly_spread_units() -> None:
     layers = [nn.Linear(2, 2) for _ in range(40)]
-    r = Resident("deep", nn.Sequential(*layers), 1)
+    r = Resident("deep", "file:///deep", nn.Sequential(*layers), 1)
     assert len(r.hooks) <= CHECKPOINTS
     ran: list[int] = []
     for i, layer in enumerate(layers):

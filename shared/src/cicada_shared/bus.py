@@ -7,6 +7,8 @@
   message that does not decode is dead-lettered with one log line, and ``on_poison`` hears of
   it (to fail the job it belonged to, when that can be told).
 - ``request`` is RPC: publish with ``reply_to`` and ``correlation_id``, await the ``Reply``.
+- A message over the broker's size limit is refused here (``MessageTooLarge``) rather than
+  sent: RabbitMQ would close the publishing channel over it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from cicada_shared.contracts import CONTENT_TYPE, Contract, Message, Reply, decode, encode
+from cicada_shared.errors import MessageTooLarge
 from cicada_shared.topology import Names, Topology
 
 log = structlog.get_logger("cicada.bus")
@@ -42,13 +45,24 @@ class BrokerUnreachable(ConnectionError):
     """RabbitMQ could not be reached at the configured URL."""
 
 
+class UnexpectedMessage(Exception):
+    """A handler's answer to a message that decodes but has no business on its queue: it is
+    dead-lettered with a warning, like an undecodable one."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__(f"unexpected {message.kind}")
+
+
 class Bus:
     """A connection to the mesh's broker, with its topology declared."""
 
-    def __init__(self, url: str, names: Names, *, client: str) -> None:
+    def __init__(
+        self, url: str, names: Names, *, client: str, max_message_bytes: int = 128 << 20
+    ) -> None:
         self.url = url
         self.names = names
         self.client = client
+        self.max_message_bytes = max_message_bytes
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._topology: Topology | None = None
@@ -103,9 +117,15 @@ class Bus:
         persistent: bool = False,
     ) -> None:
         """Publish and wait for the broker's confirm."""
+        body = encode(message)
+        if len(body) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"a {getattr(message, 'kind', 'message')} of {len(body)} bytes is over the "
+                f"broker's {self.max_message_bytes}-byte message limit"
+            )
         await self._exchange(exchange).publish(
             aio_pika.Message(
-                encode(message),
+                body,
                 content_type=CONTENT_TYPE,
                 priority=priority,
                 reply_to=reply_to,
@@ -174,20 +194,22 @@ class Bus:
                     with contextlib.suppress(Exception):
                         await on_poison(incoming, reason)
                 return
-            if manual:
-                try:
+            try:
+                if manual:
                     await handler(message, incoming)
-                except Exception:
-                    log.exception("handler_failed", queue=queue.name, kind=message.kind)
+                else:
+                    async with incoming.process(requeue=False, ignore_processed=True):
+                        await handler(message, incoming)  # an error dead-letters it
+            except UnexpectedMessage as exc:
+                log.warning("poison_message", queue=queue.name, reason=str(exc))
+                if manual:
                     with contextlib.suppress(Exception):
                         await incoming.reject(requeue=False)
-                return
-            async with incoming.process(requeue=False, ignore_processed=True):
-                try:
-                    await handler(message, incoming)
-                except Exception:
-                    log.exception("handler_failed", queue=queue.name, kind=message.kind)
-                    raise
+            except Exception:
+                log.exception("handler_failed", queue=queue.name, kind=message.kind)
+                if manual:
+                    with contextlib.suppress(Exception):
+                        await incoming.reject(requeue=False)
 
         tag = await queue.consume(receive)
         self._consumers.append((queue, tag))

@@ -15,7 +15,9 @@
     ├── LoadCancelled              the job was cancelled before it finished
     ├── DeadlineExceeded           the job's deadline passed before it finished
     ├── InsufficientMemory         the model does not fit the loader's memory budget
-    └── LoadTimeout                a cold start made no progress within its deadline
+    ├── LoadTimeout                a cold start made no progress within its deadline
+    ├── InvalidInput               a request's inputs do not fit the model
+    └── MessageTooLarge            a job or its result is larger than the broker accepts
 
 Every error carries a ``kind`` (its class name) so that a failed job can report it over the
 wire and a client can match on it without importing this module.
@@ -110,3 +112,11 @@ class DeadlineExceeded(CicadaError):
 
 class InsufficientMemory(CicadaError):
     """The model is larger than the loader's whole memory budget."""
+
+
+class InvalidInput(CicadaError):
+    """A request's inputs do not fit the model."""
+
+
+class MessageTooLarge(CicadaError):
+    """A message is larger than the broker accepts (RabbitMQ's ``max_message_size``)."""

@@ -53,6 +53,17 @@ class MeshSettings(BaseSettings):
         "models_dir.",
     )
 
+    max_message_bytes: int = Field(
+        128 << 20,
+        description="The broker's largest message (RabbitMQ's max_message_size); a larger job "
+        "is refused with 413, a larger result fails its job.",
+    )
+
+    @property
+    def payload_limit(self) -> int:
+        """Tensor bytes one message may carry, leaving 1 MiB for everything else in it."""
+        return self.max_message_bytes - (1 << 20)
+
     @property
     def names(self) -> Names:
         return Names(self.namespace)

@@ -16,11 +16,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cicada_gateway.metrics import Metrics
@@ -49,6 +50,7 @@ from cicada_shared.contracts import (
     Tensor,
     UnregisterModel,
 )
+from cicada_shared.errors import MessageTooLarge
 from cicada_shared.settings import MeshSettings
 from cicada_shared.topology import JOB_ROUTING_KEY
 from cicada_shared.uris import InvalidURI, check_uri
@@ -73,6 +75,7 @@ STATUS: dict[str, int] = {
     "DtypeShapeMismatch": 422,
     "CheckpointError": 422,
     "UnsupportedArchitecture": 422,
+    "MessageTooLarge": 413,
     "DeadlineExceeded": 504,
 }
 
@@ -100,7 +103,12 @@ class Mesh:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.bus = Bus(settings.amqp_url, settings.names, client="gateway")
+        self.bus = Bus(
+            settings.amqp_url,
+            settings.names,
+            client="gateway",
+            max_message_bytes=settings.max_message_bytes,
+        )
         self.accepted: OrderedDict[str, float] = OrderedDict()  # async jobs, recently
 
     async def call(self, message: Any) -> Reply:
@@ -196,6 +204,28 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class JsonBodies:
+    """Every POST body is JSON, whatever its content type says (``curl -d`` says form data),
+    as KServe and Triton read it; the binary tensor extension is refused by name."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        if any(k == b"inference-header-content-length" for k, _ in headers):
+            await _send_json(
+                send, 415, "the binary tensor data extension is not supported; send JSON tensors"
+            )
+            return
+        headers.append((b"content-type", b"application/json"))
+        scope["headers"] = headers  # in place: the route found below is counted above
+        await self.app(scope, receive, send)
+
+
 async def _send_json(send: Send, status: int, error: str) -> None:
     body = JSONResponse({"error": error}, status_code=status)
     await send(
@@ -229,6 +259,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Serverless inference built for the cold start. Open Inference "
         "Protocol v2, plus asynchronous jobs and a model repository.",
     )
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, limit=settings.gateway_max_body_bytes)
     app.state.mesh, app.state.metrics = mesh, metrics
 
@@ -245,6 +276,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(MessageTooLarge)
+    async def too_large(_: Request, exc: MessageTooLarge) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=413)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -313,7 +348,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """Run the model and wait for the result (a cold start if it is not resident)."""
         if version not in (None, "1"):
             raise ApiError(404, f"model {name!r} has no version {version!r} (only '1')")
-        job = _job(name, body)
+        job = _job(name, body, settings.payload_limit)
         timeout = number_param(body, "timeout_s") or settings.gateway_timeout_s
         started = time.perf_counter()
         metrics.in_flight.inc()
@@ -345,7 +380,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """Queue a job; answers once the broker has it. Poll ``GET /v2/jobs/{id}``."""
         if version not in (None, "1"):
             raise ApiError(404, f"model {name!r} has no version {version!r} (only '1')")
-        job = _job(name, body)
+        job = _job(name, body, settings.payload_limit)
         await mesh.submit(job)
         response.headers["Location"] = f"/v2/jobs/{job.job_id}"
         return {"id": job.job_id, "model": name, "state": "queued"}
@@ -407,15 +442,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
-def _job(name: str, body: InferenceRequest) -> InferJob:
+def _job(name: str, body: InferenceRequest, limit: int) -> InferJob:
     names = [i.name for i in body.inputs]
     if len(set(names)) != len(names):
         raise BadRequest(f"inputs repeat a name: {names}")
     deadline = number_param(body, "deadline_s")
+    inputs = [to_wire(i) for i in body.inputs]
+    size = sum(len(t.data) for t in inputs)
+    if size > limit:
+        raise ApiError(413, f"the inputs take {size} bytes, more than one job may carry ({limit})")
     return InferJob(
         job_id=uuid.uuid4().hex,
         model=name,
-        inputs=[to_wire(i) for i in body.inputs],
+        inputs=inputs,
         outputs=[o.name for o in body.outputs] if body.outputs else None,
         priority=priority_of(body),
         submitted_at=time.time(),

@@ -89,7 +89,12 @@ def number_param(request: InferenceRequest, name: str) -> float | None:
     value = (request.parameters or {}).get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise BadRequest(f"parameters.{name} must be a positive number, got {value!r}")
     return float(value)
 
@@ -103,6 +108,8 @@ def to_wire(item: RequestInput) -> Tensor:
         )
     if any(d < 0 for d in item.shape):
         raise BadRequest(f"input {item.name!r}: shape {item.shape} has a negative dimension")
+    if 0 in item.shape:
+        raise BadRequest(f"input {item.name!r}: shape {item.shape} holds no values")
     try:
         values = np.asarray(item.data)
     except ValueError as exc:  # ragged nesting

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from cicada_loader.engine.arch import Architecture
 from cicada_loader.engine.skeleton import unit_modules
 from cicada_shared.errors import CicadaError, InsufficientMemory
 
@@ -87,11 +88,14 @@ class Resident:
     """A model loaded and ready for the next request."""
 
     name: str
+    uri: str
     model: nn.Module
     nbytes: int
     last_used: float = field(default_factory=time.time)
     in_use: int = 0
     hooks: list[Any] = field(default_factory=list)
+    #: how it was built (checks a request's inputs); None in tests that build by hand
+    arch: Architecture | None = None
 
     def __post_init__(self) -> None:
         units = [m for _, m in unit_modules(self.model)]
@@ -142,6 +146,17 @@ class Residency:
         for name in idle:
             self.drop(name)
         return idle
+
+    def retire(self, name: str) -> bool:
+        """Unload ``name`` now, or, while a job still runs on it, take it out of service: no
+        new job finds it, and it goes with that job's last reference."""
+        resident = self.models.get(name)
+        if resident is None:
+            return False
+        if resident.in_use == 0:
+            return self.drop(name)
+        del self.models[name]
+        return True
 
     def drop(self, name: str) -> bool:
         resident = self.models.pop(name, None)

@@ -31,14 +31,14 @@ import torch
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import Field
 
-from cicada_loader.engine.arch import flatten_outputs, resolve
+from cicada_loader.engine.arch import TEXT_COMPANIONS, flatten_outputs, resolve
 from cicada_loader.engine.describe import describe
 from cicada_loader.engine.order import OrderBook
 from cicada_loader.engine.pipeline import VARIANTS, PipelinedColdStart
 from cicada_loader.remote import Announcements, RemoteFetch
 from cicada_loader.residency import JobScope, Residency, Resident
-from cicada_loader.tensors import DATATYPE_OF, InvalidInput, from_torch, to_torch
-from cicada_shared.bus import Bus
+from cicada_loader.tensors import DATATYPE_OF, from_torch, to_torch
+from cicada_shared.bus import Bus, UnexpectedMessage
 from cicada_shared.contracts import (
     CancelJob,
     ErrorInfo,
@@ -59,16 +59,19 @@ from cicada_shared.contracts import (
     TensorSpec,
     UnloadModel,
 )
-from cicada_shared.errors import CicadaError, DeadlineExceeded, LoadCancelled
+from cicada_shared.errors import (
+    CicadaError,
+    DeadlineExceeded,
+    InvalidInput,
+    LoadCancelled,
+    MessageTooLarge,
+)
 from cicada_shared.service import InFlight
 from cicada_shared.settings import MeshSettings
 from cicada_weights.checkpoint import read_checkpoint
 from cicada_weights.origins import open_origin
 
 log = structlog.get_logger("cicada.loader")
-
-#: Optional text inputs a model may take besides its main input, when its forward has them.
-TEXT_EXTRAS = ("attention_mask", "token_type_ids", "position_ids")
 
 
 def _loader_id() -> str:
@@ -100,7 +103,12 @@ class LoaderService:
         self.settings = settings
         self.id = settings.loader_id
         self.names = settings.names
-        self.bus = Bus(settings.amqp_url, settings.names, client=f"loader {self.id}")
+        self.bus = Bus(
+            settings.amqp_url,
+            settings.names,
+            client=f"loader {self.id}",
+            max_message_bytes=settings.max_message_bytes,
+        )
         self.orders = OrderBook(settings.cache_dir / "orders")
         self.announcements = Announcements()
         budget = settings.loader_memory_bytes or int(psutil.virtual_memory().total * 0.6)
@@ -193,6 +201,8 @@ class LoaderService:
             message, ManifestAnnounced | PieceAnnounced | FetchFinished | FetchFailedNotice
         ):
             self.announcements.deliver(message)
+        else:
+            raise UnexpectedMessage(message)
 
     async def on_control(self, message: Message, incoming: AbstractIncomingMessage) -> None:
         if isinstance(message, PrepareModel):
@@ -204,39 +214,49 @@ class LoaderService:
             else:
                 self.cancelled_early.add(message.job_id)
         elif isinstance(message, UnloadModel):
-            resident = self.residency.get(message.model)
-            if resident is not None and resident.in_use == 0:
-                self.residency.drop(message.model)
+            if self.residency.retire(message.model):
                 log.info("model_unloaded", model=message.model, reason="unregistered")
                 await self._status()
+        else:
+            raise UnexpectedMessage(message)
 
     async def on_job(self, message: Message, _: AbstractIncomingMessage) -> None:
         if not isinstance(message, RunJob):
-            log.warning("unexpected_message", kind=message.kind)
-            return
+            raise UnexpectedMessage(message)
         async with self.inflight.track():
             self.busy += 1
             try:
                 result = await self.run(message)
             finally:
                 self.busy -= 1
-            # one channel writes these in this order (its publish lock is FIFO); the confirms
-            # come back together. After a cold start (which may have evicted) or a failure,
-            # the status and then the scheduler's copy go first, so that a client's next
-            # request finds the model resident. After a warm job the client's copy goes
-            # first (a broker hop sooner): the scheduler already knows the model is
-            # resident, and its copy, written right after, reaches it about a millisecond
-            # later, well before the client's next request can (docs/architecture.md).
-            to_scheduler = self.bus.publish(result, self.names.scheduler_inbox)
-            replies = (
-                [self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)]
-                if message.reply_to
-                else []
-            )
-            if not result.cold and result.state == "succeeded":
-                await asyncio.gather(*replies, to_scheduler)
-            else:
-                await asyncio.gather(self._status(), to_scheduler, *replies)
+            try:
+                await self._deliver(message, result)
+            except Exception as exc:  # the job must not stay running: its failure goes instead
+                log.exception("result_unsent", job_id=result.job_id)
+                error = ErrorInfo(kind=ErrorInfo.of(exc).kind, message=f"result not sent: {exc}")
+                failed = result.model_copy(
+                    update={"state": "failed", "outputs": [], "error": error}
+                )
+                await self._deliver(message, failed)
+
+    async def _deliver(self, message: RunJob, result: JobResult) -> None:
+        # one channel writes these in this order (its publish lock is FIFO); the confirms
+        # come back together. After a cold start (which may have evicted) or a failure,
+        # the status and then the scheduler's copy go first, so that a client's next
+        # request finds the model resident. After a warm job the client's copy goes
+        # first (a broker hop sooner): the scheduler already knows the model is
+        # resident, and its copy, written right after, reaches it about a millisecond
+        # later, well before the client's next request can (docs/architecture.md).
+        to_scheduler = self.bus.publish(result, self.names.scheduler_inbox)
+        replies = (
+            [self.bus.send_to(message.reply_to, result, correlation_id=result.job_id)]
+            if message.reply_to
+            else []
+        )
+        if not result.cold and result.state == "succeeded":
+            await asyncio.gather(*replies, to_scheduler)
+        else:
+            await asyncio.gather(self._status(), to_scheduler, *replies)
 
     # -- work ----------------------------------------------------------------------------
 
@@ -265,6 +285,10 @@ class LoaderService:
             scope.check()
             inputs = {t.name: to_torch(t) for t in job.inputs}
             resident = self.residency.get(job.model)
+            if resident is not None and resident.uri != request.uri:
+                self.residency.retire(job.model)  # the name now means another checkpoint
+                log.info("model_unloaded", model=job.model, reason="re-registered")
+                resident = None
             cold = resident is None
             if resident is None:
                 self._progress(job.job_id, "loading")
@@ -275,12 +299,18 @@ class LoaderService:
                     self.compute, self._warm, resident, inputs, scope
                 )
                 timeline = {}
-            chosen = select(outputs, job.outputs)
+            wire = [from_torch(k, v) for k, v in select(outputs, job.outputs).items()]
+            size = sum(len(t.data) for t in wire)
+            if size > self.settings.payload_limit:
+                raise MessageTooLarge(
+                    f"the outputs take {size} bytes, more than one message may carry "
+                    f"({self.settings.payload_limit}); ask for fewer outputs or a smaller batch"
+                )
             result = JobResult(
                 state="succeeded",
                 cold=cold,
                 timeline=timeline,
-                outputs=[from_torch(k, v) for k, v in chosen.items()],
+                outputs=wire,
                 compute_s=compute_s,
                 **base,
             )
@@ -343,7 +373,9 @@ class LoaderService:
             result = await loop.run_in_executor(self.compute, run.run)
         finally:
             self.announcements.unsubscribe(fetch_id)
-        resident = Resident(request.job.model, result.model, result.manifest.nbytes)
+        resident = Resident(
+            request.job.model, request.uri, result.model, result.manifest.nbytes, arch=result.arch
+        )
         self.residency.add(resident)
         return resident, result.outputs, result.timeline.summary()
 
@@ -378,6 +410,8 @@ class LoaderService:
         resident.last_used = time.time()
         resident.in_use += 1
         try:
+            if resident.arch is not None:
+                resident.arch.check_inputs(inputs)
             args = {k: v.to(self.device) for k, v in inputs.items()}
             start = time.perf_counter()
             with scope, torch.inference_mode():
@@ -424,7 +458,7 @@ class LoaderService:
         accepted = inspect.signature(arch.build_meta().forward).parameters
         extras = [
             (n, inputs[0][1], inputs[0][2])
-            for n in TEXT_EXTRAS
+            for n in TEXT_COMPANIONS
             if n in accepted and arch.main_input == "input_ids"
         ]
         return ModelPrepared(

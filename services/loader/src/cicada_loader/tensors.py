@@ -7,7 +7,7 @@ import math
 import torch
 
 from cicada_shared.contracts import DATATYPES, Tensor
-from cicada_shared.errors import CicadaError
+from cicada_shared.errors import InvalidInput
 
 TORCH_OF: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -22,10 +22,6 @@ TORCH_OF: dict[str, torch.dtype] = {
     "FP64": torch.float64,
 }
 DATATYPE_OF = {dtype: name for name, dtype in TORCH_OF.items()}
-
-
-class InvalidInput(CicadaError):
-    """A request's inputs do not fit the model."""
 
 
 def to_torch(tensor: Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from cicada_scheduler.state import JobRecord, ModelRecord, Placement, State
 from cicada_scheduler.store import Store
-from cicada_shared.bus import Bus, field
+from cicada_shared.bus import Bus, UnexpectedMessage, field
 from cicada_shared.contracts import (
     CancelJob,
     CancelRequest,
@@ -193,6 +193,8 @@ class Handlers:
         elif isinstance(message, ModelPrepared):
             self._prepared(message)
             await self._release(message.model)
+        else:
+            raise UnexpectedMessage(message)
 
     def _prepared(self, message: ModelPrepared) -> None:
         record = self.state.models.get(message.model)
@@ -272,6 +274,11 @@ class Handlers:
         old = self.state.models.get(name)
         if old is not None and old.uri == uri and old.state != "failed":
             return old
+        if old is not None and old.uri != uri:  # the name now means another checkpoint
+            for loader_id in self.state.unload(name):
+                await self.bus.publish(
+                    UnloadModel(model=name), self.names.loader_control(loader_id)
+                )
         config = ckpt.config
         record = ModelRecord(
             name,

@@ -272,6 +272,16 @@ class State:
             models.discard(model)
         return sorted(nodes)
 
+    def unload(self, model: str) -> list[str]:
+        """Forget ``model`` on every loader that holds it (it is being replaced); returns their
+        ids, to be told to unload it."""
+        holders = self.resident_on(model)
+        for loader_id in holders:
+            loader = self.loaders[loader_id]
+            resident = [m for m in loader.status.resident if m != model]
+            loader.status = loader.status.model_copy(update={"resident": resident})
+        return holders
+
     def resident_on(self, model: str) -> list[str]:
         return sorted(i for i, r in self.loaders.items() if model in r.status.resident)
 

@@ -16,7 +16,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import Field as SettingField
 
-from cicada_shared.bus import Bus
+from cicada_shared.bus import Bus, UnexpectedMessage
 from cicada_shared.contracts import (
     Contract,
     ErrorInfo,
@@ -80,7 +80,12 @@ class SharedFetch:
 class WeightsService:
     def __init__(self, settings: WeightsSettings) -> None:
         self.settings = settings
-        self.bus = Bus(settings.amqp_url, settings.names, client=f"weights@{settings.node}")
+        self.bus = Bus(
+            settings.amqp_url,
+            settings.names,
+            client=f"weights@{settings.node}",
+            max_message_bytes=settings.max_message_bytes,
+        )
         self.fetcher = Fetcher(
             settings.cache_dir / "files",
             workers=settings.weights_workers,
@@ -127,7 +132,7 @@ class WeightsService:
         elif isinstance(message, UnloadModel):
             await self._drop(message.model)
         else:
-            log.warning("unexpected_message", kind=message.kind)
+            raise UnexpectedMessage(message)
 
     def _subscribe(self, request: FetchRequest) -> None:
         shared = self.active.get(request.model)

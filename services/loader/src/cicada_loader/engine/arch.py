@@ -7,7 +7,7 @@ transformers lacks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from cicada_loader.engine import zoo
-from cicada_shared.errors import UnsupportedArchitecture
+from cicada_shared.errors import InvalidInput, UnsupportedArchitecture
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +120,38 @@ class Architecture:
             for tensor in flagged:
                 del tensor._is_hf_initialized  # type: ignore[attr-defined]
 
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        """Refuse, naming the problem, text inputs that would fail deep inside the forward
+        pass: token ids outside the vocabulary, a sequence longer than learned positions,
+        companion inputs (``attention_mask`` …) of another shape than ``input_ids``."""
+        ids = inputs.get("input_ids")
+        if self.main_input != "input_ids" or not isinstance(ids, torch.Tensor):
+            return
+        shape = list(ids.shape)
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise InvalidInput(
+                f"input_ids must be integers of shape [batch, sequence], got {shape}"
+            )
+        for name in TEXT_COMPANIONS:
+            other = inputs.get(name)
+            if isinstance(other, torch.Tensor) and list(other.shape) != shape:
+                raise InvalidInput(f"{name} has shape {list(other.shape)}; input_ids has {shape}")
+        _check_range("input_ids", ids, _cfg(self.config, "vocab_size", None), "token ids")
+        _check_range(
+            "token_type_ids",
+            inputs.get("token_type_ids"),
+            _cfg(self.config, "type_vocab_size", None),
+            "token types",
+        )
+        rotary = any("rope" in key for key in _keys(self.config))
+        limit = _cfg(self.config, "max_position_embeddings", None) or _cfg(
+            self.config, "n_positions", None
+        )
+        if limit and not rotary and shape[1] > int(limit):
+            raise InvalidInput(
+                f"the sequence has {shape[1]} tokens; this model takes at most {limit}"
+            )
+
     def sample_inputs(self, *, batch: int = 1, seq_len: int = 64, seed: int = 0) -> dict[str, Any]:
         """Deterministic inputs of the right kind and shape for this model."""
         gen = torch.Generator().manual_seed(seed)
@@ -177,6 +209,23 @@ def _hf_class(config: Any) -> Any:
         raise UnsupportedArchitecture(
             f"no transformers class for architectures {names!r} (model_type {config.model_type!r})"
         ) from exc
+
+
+#: Integer inputs a text model may take beside ``input_ids``, each of its shape.
+TEXT_COMPANIONS = ("attention_mask", "token_type_ids", "position_ids")
+
+
+def _check_range(name: str, values: Any, size: Any, noun: str) -> None:
+    if not isinstance(values, torch.Tensor) or not size or values.numel() == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= int(size):
+        bad = low if low < 0 else high
+        raise InvalidInput(f"{name} holds {bad}; this model has {size} {noun} (0 to {size - 1})")
+
+
+def _keys(config: Any) -> Iterable[str]:
+    return config.keys() if isinstance(config, dict) else vars(config).keys()
 
 
 def _cfg(config: Any, key: str, default: Any) -> Any:

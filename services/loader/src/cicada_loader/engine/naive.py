@@ -73,6 +73,7 @@ def naive_cold_start(
     hooks = gate_hooks(skeleton.units, tl, timeout_s, lambda: None, device)
     try:
         inputs = arch.sample_inputs() if inputs is None else inputs
+        arch.check_inputs(inputs)
         args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         start = time.perf_counter()
         with torch.inference_mode():

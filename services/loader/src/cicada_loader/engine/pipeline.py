@@ -141,6 +141,8 @@ class PipelinedColdStart:
         try:
             manifest = self._await_manifest()
             arch, skeleton = self._build(manifest)
+            if self.inputs is not None:
+                arch.check_inputs(self.inputs)
             applier = self._applier(skeleton, manifest)
             self._start_workers(arch, skeleton, applier, manifest)
             hooks = self._hook(skeleton)
