@@ -32,7 +32,7 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
             f"got {len(tensor.data)}"
         )
     if expected == 0:
-        return torch.empty(tensor.shape, dtype=TORCH_OF[tensor.datatype])
+        raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} holds no values")
     flat = torch.frombuffer(bytearray(tensor.data), dtype=TORCH_OF[tensor.datatype])
     return flat.reshape(tensor.shape)
 
