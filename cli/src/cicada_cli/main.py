@@ -32,8 +32,10 @@ def _split(text: str) -> list[str]:
 @app.command()
 def up(
     loaders: Annotated[int, typer.Option(min=1, help="Loader processes.")] = 1,
-    port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
-    models_dir: Annotated[Path, typer.Option(help="Models registered at start.")] = Path("models"),
+    port: Annotated[int, typer.Option(help="Gateway port.", envvar="CICADA_GATEWAY_PORT")] = 8000,
+    models_dir: Annotated[
+        Path, typer.Option(help="Models registered at start.", envvar="CICADA_MODELS_DIR")
+    ] = Path("models"),
     demo: Annotated[bool, typer.Option(help="Write a tiny GPT-2 'demo' model if missing.")] = True,
     logs: Annotated[Path | None, typer.Option(help="Write each service's log here.")] = None,
 ) -> None:

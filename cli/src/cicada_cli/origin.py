@@ -84,12 +84,10 @@ def make_app(root: Path, bandwidth: float | None) -> web.Application:
         resp.headers["Last-Modified"] = formatdate(stat.st_mtime, usegmt=True)
         if status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        await resp.prepare(request)
-        if request.method == "HEAD":
-            return resp
         fd = os.open(path, os.O_RDONLY)
         try:
-            offset = start
+            await resp.prepare(request)
+            offset = start if request.method == "GET" else end
             while offset < end:
                 n = min(chunk, end - offset)
                 if bucket is not None:
