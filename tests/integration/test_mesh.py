@@ -347,6 +347,22 @@ def test_reregistering_a_name_serves_the_new_checkpoint(mesh: RunningMesh) -> No
         assert torch.equal(got["logits"], want)
 
 
+def test_a_missing_origin_is_the_request_s_fault_at_registration_the_origin_s_later(
+    mesh: RunningMesh,
+) -> None:
+    gone = mesh.models_dir / "soon-gone"
+    shutil.copytree(mesh.models_dir / "tiny-bert", gone, dirs_exist_ok=True)
+    with mesh.client() as http:
+        missing = http.post("/v2/repository/models/nope", json={"uri": str(gone) + "-never"})
+        assert missing.status_code == 400 and "not a directory" in missing.json()["error"]
+        assert http.post("/v2/repository/models/soon-gone", json={"uri": str(gone)}).is_success
+        wait_models_ready(mesh.url, ["soon-gone"])
+        (gone / "model.safetensors").unlink()
+        failed = http.post("/v2/models/soon-gone/infer", json=GOOD)
+        assert failed.status_code == 502 and "model.safetensors" in failed.json()["error"]
+        assert http.post("/v2/models/tiny-bert/infer", json=GOOD).status_code == 200
+
+
 def test_registering_a_broken_checkpoint(mesh: RunningMesh, tmp_path: Path) -> None:
     broken = mesh.models_dir / "broken"
     shutil.copytree(mesh.models_dir / "tiny-gpt2", broken, dirs_exist_ok=True)

@@ -41,7 +41,7 @@ from cicada_shared.contracts import (
     UnloadModel,
     UnregisterModel,
 )
-from cicada_shared.errors import CicadaError
+from cicada_shared.errors import CicadaError, OriginError
 from cicada_shared.uris import InvalidURI, check_uri
 from cicada_weights.checkpoint import read_checkpoint
 from cicada_weights.origins import open_origin
@@ -267,7 +267,7 @@ class Handlers:
         try:
             uri = check_uri(uri, self.roots)
             ckpt = await asyncio.to_thread(_read, uri)
-        except InvalidURI as exc:
+        except (InvalidURI, OriginError) as exc:  # at registration, the URI is what is wrong
             return ErrorInfo(kind="InvalidURI", message=str(exc))
         except (CicadaError, OSError) as exc:
             return ErrorInfo.of(exc)
