@@ -2,7 +2,8 @@
 
 Health, server and model metadata, synchronous ``infer``, asynchronous jobs, the model
 repository, Prometheus ``/metrics``; OpenAPI at ``/openapi.json``. Every error is
-``{"error": "..."}``: 4xx for what the request got wrong, 503/504 when the mesh cannot serve.
+``{"error": "..."}``: 4xx for what the request got wrong, 502/504 when a model's origin fails,
+503/504 when the mesh cannot serve.
 """
 
 from __future__ import annotations
