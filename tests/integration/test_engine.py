@@ -110,7 +110,8 @@ def test_tied_weights_stay_tied(checkpoints: Callable[..., Path], tmp_path: Path
     [
         ({"input_ids": [[1, 1000]]}, "input_ids holds 1000; this model has 1000 token ids"),
         ({"input_ids": [[-1, 2]]}, "input_ids holds -1"),
-        ({"input_ids": [[1] * 129]}, "the sequence has 129 tokens; this model takes at most 128"),
+        ({"input_ids": [[1] * 129]}, "the sequence has 129 tokens; this model has 128 positions"),
+        ({"input_ids": [[1, 2]], "position_ids": [[0, 128]]}, "position_ids holds 128"),
         ({"input_ids": [[1, 2]], "token_type_ids": [[0, 2]]}, "token_type_ids holds 2"),
         ({"input_ids": [[1, 2]], "attention_mask": [[1]]}, "attention_mask has shape [1, 1]"),
         ({"input_ids": [1, 2]}, "shape [batch, sequence], got [2]"),

@@ -246,7 +246,7 @@ GOOD = infer_body("input_ids", [[1, 2]], [1, 2])
             "/v2/models/tiny-gpt2/infer",
             {"json": infer_body("input_ids", [[1] * 129], [1, 129])},
             400,
-            "takes at most 128",
+            "has 128 positions",
         ),
         (
             "/v2/models/tiny-bert/infer",

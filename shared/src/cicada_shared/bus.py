@@ -57,7 +57,7 @@ class Bus:
     """A connection to the mesh's broker, with its topology declared."""
 
     def __init__(
-        self, url: str, names: Names, *, client: str, max_message_bytes: int = 128 << 20
+        self, url: str, names: Names, *, client: str, max_message_bytes: int = 16 << 20
     ) -> None:
         self.url = url
         self.names = names

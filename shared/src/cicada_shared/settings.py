@@ -54,9 +54,10 @@ class MeshSettings(BaseSettings):
     )
 
     max_message_bytes: int = Field(
-        128 << 20,
-        description="The broker's largest message (RabbitMQ's max_message_size); a larger job "
-        "is refused with 413, a larger result fails its job.",
+        16 << 20,
+        description="The broker's largest message (RabbitMQ's max_message_size: 16 MiB by "
+        "default since 4.0, 128 MiB before); a larger job is refused with 413, a larger "
+        "result fails its job. Raise both together.",
     )
 
     @property

@@ -276,7 +276,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(MessageTooLarge)
     async def too_large(_: Request, exc: MessageTooLarge) -> JSONResponse:

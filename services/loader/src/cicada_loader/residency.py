@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from cicada_loader.engine.arch import Architecture
+from cicada_loader.engine.arch import Architecture, InputLimits
 from cicada_loader.engine.skeleton import unit_modules
 from cicada_shared.errors import CicadaError, InsufficientMemory
 
@@ -94,8 +94,10 @@ class Resident:
     last_used: float = field(default_factory=time.time)
     in_use: int = 0
     hooks: list[Any] = field(default_factory=list)
-    #: how it was built (checks a request's inputs); None in tests that build by hand
+    #: how it was built, and its embedding tables' sizes (to check a request's inputs);
+    #: None in tests that build by hand
     arch: Architecture | None = None
+    limits: InputLimits | None = None
 
     def __post_init__(self) -> None:
         units = [m for _, m in unit_modules(self.model)]

@@ -31,7 +31,7 @@ import torch
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import Field
 
-from cicada_loader.engine.arch import TEXT_COMPANIONS, flatten_outputs, resolve
+from cicada_loader.engine.arch import TEXT_COMPANIONS, flatten_outputs, input_limits, resolve
 from cicada_loader.engine.describe import describe
 from cicada_loader.engine.order import OrderBook
 from cicada_loader.engine.pipeline import VARIANTS, PipelinedColdStart
@@ -295,9 +295,14 @@ class LoaderService:
                 resident, outputs, timeline = await self._cold(request, inputs, scope)
                 compute_s = timeline.get("exec_busy_s")
             else:  # the scheduler marked it running when it sent it here
-                outputs, compute_s = await asyncio.get_running_loop().run_in_executor(
-                    self.compute, self._warm, resident, inputs, scope
-                )
+                resident.in_use += 1  # here, so that no unload can slip in before the thread
+                try:
+                    outputs, compute_s = await asyncio.get_running_loop().run_in_executor(
+                        self.compute, self._warm, resident, inputs, scope
+                    )
+                finally:
+                    resident.in_use -= 1
+                    resident.last_used = time.time()
                 timeline = {}
             wire = [from_torch(k, v) for k, v in select(outputs, job.outputs).items()]
             size = sum(len(t.data) for t in wire)
@@ -374,7 +379,12 @@ class LoaderService:
         finally:
             self.announcements.unsubscribe(fetch_id)
         resident = Resident(
-            request.job.model, request.uri, result.model, result.manifest.nbytes, arch=result.arch
+            request.job.model,
+            request.uri,
+            result.model,
+            result.manifest.nbytes,
+            arch=result.arch,
+            limits=input_limits(result.model),
         )
         self.residency.add(resident)
         return resident, result.outputs, result.timeline.summary()
@@ -408,21 +418,16 @@ class LoaderService:
         self, resident: Resident, inputs: dict[str, torch.Tensor], scope: JobScope
     ) -> tuple[dict[str, torch.Tensor], float]:
         resident.last_used = time.time()
-        resident.in_use += 1
-        try:
-            if resident.arch is not None:
-                resident.arch.check_inputs(inputs)
-            args = {k: v.to(self.device) for k, v in inputs.items()}
-            start = time.perf_counter()
-            with scope, torch.inference_mode():
-                out = flatten_outputs(resident.model(**args))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            scope.check()  # cancelled after the last checked unit
-            return out, time.perf_counter() - start
-        finally:
-            resident.in_use -= 1
-            resident.last_used = time.time()
+        if resident.arch is not None:
+            resident.arch.check_inputs(inputs, resident.limits)
+        args = {k: v.to(self.device) for k, v in inputs.items()}
+        start = time.perf_counter()
+        with scope, torch.inference_mode():
+            out = flatten_outputs(resident.model(**args))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        scope.check()  # cancelled after the last checked unit
+        return out, time.perf_counter() - start
 
     def _progress(self, job_id: str, state: JobState) -> None:
         """Tell the scheduler, without making the job wait for the broker's confirm."""

@@ -41,7 +41,7 @@ from cicada_shared.contracts import (
     UnloadModel,
     UnregisterModel,
 )
-from cicada_shared.errors import CicadaError, OriginError
+from cicada_shared.errors import CicadaError, MessageTooLarge, OriginError
 from cicada_shared.uris import InvalidURI, check_uri
 from cicada_weights.checkpoint import read_checkpoint
 from cicada_weights.origins import open_origin
@@ -151,6 +151,9 @@ class Handlers:
             )
         try:
             await asyncio.gather(*sends)
+        except MessageTooLarge as exc:  # no loader could take it: the job fails, not the loader
+            await self._fail(record, "MessageTooLarge", str(exc))
+            return
         except Exception as exc:
             log.warning("dispatch_failed", job_id=job.job_id, loader=loader_id, error=str(exc))
             self.state.requeue(record, loader)
@@ -275,10 +278,7 @@ class Handlers:
         if old is not None and old.uri == uri and old.state != "failed":
             return old
         if old is not None and old.uri != uri:  # the name now means another checkpoint
-            for loader_id in self.state.unload(name):
-                await self.bus.publish(
-                    UnloadModel(model=name), self.names.loader_control(loader_id)
-                )
+            await self._unload_everywhere(name, self.state.unload(name))
         config = ckpt.config
         record = ModelRecord(
             name,
@@ -364,15 +364,20 @@ class Handlers:
         self.store.delete_model(name)
         await self._release(name)  # its waiting jobs fail: the model is not registered
         doc = self._model_json(record)
-        for loader_id in self.state.resident_on(name):
-            await self.bus.publish(UnloadModel(model=name), self.names.loader_control(loader_id))
-        for node in self.state.forget_cached(name):
-            try:
-                await self.bus.publish(UnloadModel(model=name), self.names.weights_queue(node))
-            except Exception as exc:  # that node's weights service is gone: nothing to delete
-                log.info("cache_drop_unsent", model=name, node=node, error=str(exc))
+        await self._unload_everywhere(name, self.state.resident_on(name))
         log.info("model_unregistered", model=name)
         return Reply(ok=True, data=doc)
+
+    async def _unload_everywhere(self, name: str, loaders: list[str]) -> None:
+        """Tell ``loaders`` to unload ``name``, and every node to delete its cached copy; a
+        loader or node that is gone has nothing to unload."""
+        targets = [self.names.loader_control(i) for i in loaders]
+        targets += [self.names.weights_queue(node) for node in self.state.forget_cached(name)]
+        for queue in targets:
+            try:
+                await self.bus.publish(UnloadModel(model=name), queue)
+            except Exception as exc:
+                log.info("unload_unsent", model=name, queue=queue, error=str(exc))
 
     async def _cancel(self, job_id: str) -> Reply:
         record = self.state.jobs.get(job_id)

@@ -69,10 +69,14 @@ def wall(perf: float) -> float:
 @dataclass(eq=False)
 class SharedFetch:
     """One download, announced to every loader waiting for it (two cold starts of one model
-    on one node share it); late subscribers get the events so far replayed."""
+    on one node share it); late subscribers get the events so far replayed. A request for
+    another URI under the same name (registered again) waits until this one has ended: both
+    would write the name's cache directory."""
 
+    uri: str
     handle: FetchHandle | None = None
     subscribers: dict[str, FetchRequest] = field(default_factory=dict)
+    waiting: list[FetchRequest] = field(default_factory=list)
     history: list[FetchEvent] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -95,6 +99,7 @@ class WeightsService:
         )
         self.active: dict[str, SharedFetch] = {}  # by model (the cache key)
         self._deleting: dict[str, asyncio.Future[None]] = {}  # copies being deleted, by model
+        self._background: set[asyncio.Task[None]] = set()
         self._outbox: asyncio.Queue[tuple[str, Contract] | None] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
 
@@ -136,13 +141,17 @@ class WeightsService:
 
     def _subscribe(self, request: FetchRequest) -> None:
         shared = self.active.get(request.model)
+        if shared is not None and shared.uri != request.uri:
+            shared.waiting.append(request)
+            log.info("fetch_waits", fetch_id=request.fetch_id, model=request.model)
+            return
         if shared is not None:
             shared.subscribers[request.fetch_id] = request
             for event in shared.history:
                 self._announce(request, event, shared.started)
             log.info("fetch_joined", fetch_id=request.fetch_id, model=request.model)
             return
-        shared = self.active[request.model] = SharedFetch()
+        shared = self.active[request.model] = SharedFetch(request.uri)
         shared.subscribers[request.fetch_id] = request
         loop = asyncio.get_running_loop()
 
@@ -166,10 +175,12 @@ class WeightsService:
 
     def _unsubscribe(self, fetch_id: str) -> None:
         for model, shared in list(self.active.items()):
+            shared.waiting = [r for r in shared.waiting if r.fetch_id != fetch_id]
             if shared.subscribers.pop(fetch_id, None) is not None and not shared.subscribers:
                 if shared.handle is not None:
                     shared.handle.cancel()
-                self.active.pop(model, None)
+                if not shared.waiting:  # else it stays until it has ended, then they start
+                    self.active.pop(model, None)
                 log.info(
                     "fetch_dropped",
                     model=model,
@@ -182,7 +193,12 @@ class WeightsService:
         for request in list(shared.subscribers.values()):
             self._announce(request, event, shared.started)
         if isinstance(event, FetchDone | FetchFailed) and self.active.get(model) is shared:
-            del self.active[model]
+            if shared.waiting:  # another URI under this name: once no thread writes any more
+                task = asyncio.get_running_loop().create_task(self._start_waiting(model, shared))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            else:
+                del self.active[model]
             keep = {model, *self.active}  # read on the loop, which changes it
             asyncio.get_running_loop().run_in_executor(None, self._evict, keep)
             outcome = "done" if isinstance(event, FetchDone) else f"failed: {event.error}"
@@ -193,6 +209,14 @@ class WeightsService:
                 seconds=round(event.at - shared.started, 4),
                 bytes=getattr(event, "nbytes", None),
             )
+
+    async def _start_waiting(self, model: str, shared: SharedFetch) -> None:
+        if shared.handle is not None:
+            await asyncio.to_thread(shared.handle.join, self.settings.drain_s)
+        if self.active.get(model) is shared:
+            del self.active[model]
+        for request in shared.waiting:
+            self._subscribe(request)
 
     async def _drop(self, model: str) -> None:
         """An unregistered model's copy goes (one being fetched stays: a loader waits on it).

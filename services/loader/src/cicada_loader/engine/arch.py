@@ -7,6 +7,7 @@ transformers lacks.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -120,10 +121,10 @@ class Architecture:
             for tensor in flagged:
                 del tensor._is_hf_initialized  # type: ignore[attr-defined]
 
-    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+    def check_inputs(self, inputs: Mapping[str, Any], limits: InputLimits | None = None) -> None:
         """Refuse, naming the problem, text inputs that would fail deep inside the forward
-        pass: token ids outside the vocabulary, a sequence longer than learned positions,
-        companion inputs (``attention_mask`` …) of another shape than ``input_ids``."""
+        pass: companion inputs (``attention_mask`` …) shaped unlike ``input_ids``, and, with
+        the built model's ``limits``, ids its embedding tables do not have."""
         ids = inputs.get("input_ids")
         if self.main_input != "input_ids" or not isinstance(ids, torch.Tensor):
             return
@@ -134,22 +135,21 @@ class Architecture:
             )
         for name in TEXT_COMPANIONS:
             other = inputs.get(name)
-            if isinstance(other, torch.Tensor) and list(other.shape) != shape:
+            if not isinstance(other, torch.Tensor):
+                continue
+            fits = [shape, [1, shape[1]]] if name == "position_ids" else [shape]
+            if list(other.shape) not in fits:
                 raise InvalidInput(f"{name} has shape {list(other.shape)}; input_ids has {shape}")
-        _check_range("input_ids", ids, _cfg(self.config, "vocab_size", None), "token ids")
+        if limits is None:
+            return
+        _check_range("input_ids", ids, limits.vocab, "token ids")
         _check_range(
-            "token_type_ids",
-            inputs.get("token_type_ids"),
-            _cfg(self.config, "type_vocab_size", None),
-            "token types",
+            "token_type_ids", inputs.get("token_type_ids"), limits.token_types, "token types"
         )
-        rotary = any("rope" in key for key in _keys(self.config))
-        limit = _cfg(self.config, "max_position_embeddings", None) or _cfg(
-            self.config, "n_positions", None
-        )
-        if limit and not rotary and shape[1] > int(limit):
+        _check_range("position_ids", inputs.get("position_ids"), limits.positions, "positions")
+        if limits.positions and "position_ids" not in inputs and shape[1] > limits.positions:
             raise InvalidInput(
-                f"the sequence has {shape[1]} tokens; this model takes at most {limit}"
+                f"the sequence has {shape[1]} tokens; this model has {limits.positions} positions"
             )
 
     def sample_inputs(self, *, batch: int = 1, seq_len: int = 64, seed: int = 0) -> dict[str, Any]:
@@ -215,6 +215,38 @@ def _hf_class(config: Any) -> Any:
 TEXT_COMPANIONS = ("attention_mask", "token_type_ids", "position_ids")
 
 
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """Sizes of a text model's embedding tables, where it has them (None: no table)."""
+
+    vocab: int | None = None
+    token_types: int | None = None
+    positions: int | None = None
+
+
+def input_limits(model: nn.Module) -> InputLimits:
+    """The built model's token table, and its learned token-type and position tables (a
+    model with relative or rotary positions has none, and no length limit from here)."""
+    vocab = None
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        table = model.get_input_embeddings()  # type: ignore[operator]
+        vocab = table.num_embeddings if isinstance(table, nn.Embedding) else None
+    sizes: dict[str, list[int]] = {"types": [], "positions": []}
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if not isinstance(module, nn.Embedding):
+            continue
+        if last == "token_type_embeddings":
+            sizes["types"].append(module.num_embeddings)
+        elif last == "wpe" or "position" in last:
+            sizes["positions"].append(module.num_embeddings)
+    return InputLimits(
+        vocab,
+        min(sizes["types"], default=None),
+        min(sizes["positions"], default=None),
+    )
+
+
 def _check_range(name: str, values: Any, size: Any, noun: str) -> None:
     if not isinstance(values, torch.Tensor) or not size or values.numel() == 0:
         return
@@ -222,10 +254,6 @@ def _check_range(name: str, values: Any, size: Any, noun: str) -> None:
     if low < 0 or high >= int(size):
         bad = low if low < 0 else high
         raise InvalidInput(f"{name} holds {bad}; this model has {size} {noun} (0 to {size - 1})")
-
-
-def _keys(config: Any) -> Iterable[str]:
-    return config.keys() if isinstance(config, dict) else vars(config).keys()
 
 
 def _cfg(config: Any, key: str, default: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from cicada_loader.engine.arch import flatten_outputs, resolve
+from cicada_loader.engine.arch import flatten_outputs, input_limits, resolve
 from cicada_loader.engine.pipeline import ColdStart, gate_hooks
 from cicada_loader.engine.skeleton import Skeleton
 from cicada_loader.engine.timeline import Timeline
@@ -73,7 +73,7 @@ def naive_cold_start(
     hooks = gate_hooks(skeleton.units, tl, timeout_s, lambda: None, device)
     try:
         inputs = arch.sample_inputs() if inputs is None else inputs
-        arch.check_inputs(inputs)
+        arch.check_inputs(inputs, input_limits(model))
         args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         start = time.perf_counter()
         with torch.inference_mode():

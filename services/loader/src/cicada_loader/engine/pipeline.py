@@ -30,7 +30,7 @@ from torch import nn
 from transformers.initialization import guard_torch_init_functions
 
 from cicada_loader.engine.apply import Applier, CacheViews, Mode
-from cicada_loader.engine.arch import Architecture, flatten_outputs, resolve
+from cicada_loader.engine.arch import Architecture, flatten_outputs, input_limits, resolve
 from cicada_loader.engine.order import OrderBook
 from cicada_loader.engine.skeleton import Skeleton, Slot, Unit
 from cicada_loader.engine.staging import PinnedStaging
@@ -142,7 +142,7 @@ class PipelinedColdStart:
             manifest = self._await_manifest()
             arch, skeleton = self._build(manifest)
             if self.inputs is not None:
-                arch.check_inputs(self.inputs)
+                arch.check_inputs(self.inputs, input_limits(skeleton.model))
             applier = self._applier(skeleton, manifest)
             self._start_workers(arch, skeleton, applier, manifest)
             hooks = self._hook(skeleton)
