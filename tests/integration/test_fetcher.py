@@ -311,3 +311,34 @@ def test_urgent_fetch_overtakes_a_running_one_at_the_next_range(
     assert len(during) <= 2  # only the ranges already in flight when it arrived
     assert after  # the background fetch resumed, and finished last
     assert isinstance(log[-1][1], FetchDone) and log[-1][0] == "background"
+
+
+async def test_a_fetch_of_another_uri_under_one_name_waits_for_the_first(
+    checkpoints: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A name registered again under another URI: the node's second fetch writes the name's
+    cache directory only after the first has ended, and gets the second checkpoint."""
+    from cicada_shared.contracts import FetchFinished, FetchRequest
+    from cicada_weights.service import WeightsService, WeightsSettings
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(checkpoints("bert-base"), first)
+    shutil.copytree(checkpoints("gpt2"), second)
+    service = WeightsService(WeightsSettings(cache_dir=tmp_path / "cache", weights_verify=False))
+    try:
+        for fetch_id, origin in (("a", first), ("b", second)):
+            service._subscribe(
+                FetchRequest(fetch_id=fetch_id, model="m", uri=str(origin), announce_to="x")
+            )
+        assert [r.fetch_id for r in service.active["m"].waiting] == ["b"]
+        seen: list[Any] = []
+        while not any(isinstance(m, FetchFinished) and m.fetch_id == "b" for m in seen):
+            seen.append((await asyncio.wait_for(service._outbox.get(), 30))[1])
+    finally:
+        service.fetcher.close()
+    finished_a = next(i for i, m in enumerate(seen) if isinstance(m, FetchFinished))
+    assert seen[finished_a].fetch_id == "a"
+    assert all(m.fetch_id == "a" for m in seen[:finished_a])
+    assert all(m.fetch_id == "b" for m in seen[finished_a + 1 :])
+    cached = tmp_path / "cache" / "files" / "m" / "model.safetensors"
+    assert cached.read_bytes() == (second / "model.safetensors").read_bytes()
