@@ -333,7 +333,9 @@ async def test_a_fetch_of_another_uri_under_one_name_waits_for_the_first(
         assert [r.fetch_id for r in service.active["m"].waiting] == ["b"]
         seen: list[Any] = []
         while not any(isinstance(m, FetchFinished) and m.fetch_id == "b" for m in seen):
-            seen.append((await asyncio.wait_for(service._outbox.get(), 30))[1])
+            item = await asyncio.wait_for(service._outbox.get(), 30)
+            assert item is not None
+            seen.append(item[1])
     finally:
         service.fetcher.close()
     finished_a = next(i for i, m in enumerate(seen) if isinstance(m, FetchFinished))
