@@ -248,6 +248,7 @@ class PrepareModel(Contract):
 class ModelPrepared(Contract):
     kind: Literal["model_prepared"] = "model_prepared"
     model: str = Field(description="Registered model name.")
+    uri: str | None = Field(None, description="The checkpoint prepared (the name may move).")
     order: list[list[str]] = Field(default_factory=list)
     inputs: list[TensorSpec] = Field(default_factory=list)
     outputs: list[TensorSpec] = Field(default_factory=list)

@@ -448,7 +448,7 @@ class LoaderService:
         try:
             return await asyncio.to_thread(self._prepare, request)
         except Exception as exc:
-            return ModelPrepared(model=request.model, error=ErrorInfo.of(exc))
+            return ModelPrepared(model=request.model, uri=request.uri, error=ErrorInfo.of(exc))
 
     def _prepare(self, request: PrepareModel) -> ModelPrepared:
         origin = open_origin(request.uri)
@@ -468,6 +468,7 @@ class LoaderService:
         ]
         return ModelPrepared(
             model=request.model,
+            uri=request.uri,
             order=order,
             inputs=[spec(*s) for s in inputs + extras],
             outputs=[spec(*s) for s in outputs],

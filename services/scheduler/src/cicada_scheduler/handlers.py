@@ -203,6 +203,8 @@ class Handlers:
         record = self.state.models.get(message.model)
         if record is None or record.state != "preparing":
             return
+        if message.uri is not None and message.uri != record.uri:
+            return  # prepared for the checkpoint this name had before it was registered again
         if message.error is not None:
             record.state, record.error = "failed", message.error
             self.store.save_model(record)
@@ -279,6 +281,7 @@ class Handlers:
             return old
         if old is not None and old.uri != uri:  # the name now means another checkpoint
             await self._unload_everywhere(name, self.state.unload(name))
+            self._prepared_at.pop(name, None)  # prepare the new one now
         config = ckpt.config
         record = ModelRecord(
             name,
