@@ -172,3 +172,37 @@ def test_jobs_wait_while_their_model_is_prepared() -> None:
     assert [p.job.job.job_id for p in state.place()] == ["other"]  # not held up behind it
     state.models["new"].state = "ready"
     assert [p.job.job.job_id for p in state.place()] == ["first"]
+
+
+def test_a_job_its_loader_stops_reporting_is_lost_after_the_timeout() -> None:
+    """A loader that reconnected or restarted under its id no longer runs the job: once its
+    reports have left the job out for the loader timeout, the job is given up."""
+    state = State(loader_timeout_s=5.0)
+    loader(state, "L")
+    accept_all(state, job("a"), job("b"))
+    state.place()
+    placed = state.loaders["L"].running
+    assert placed == {"a"}
+
+    def report(*running: str) -> None:
+        state.heartbeat(
+            LoaderStatus(
+                loader_id="L",
+                node="n",
+                resident=[],
+                slots=1,
+                busy=0,
+                at=time.time(),
+                running=list(running),
+            )
+        )
+
+    report()  # sent before the job arrived: not yet a loss
+    start = state.loaders["L"].unreported["a"]
+    assert state.vanished("L", now=start + 4.9) == []
+    report("a")  # it is running after all
+    assert state.loaders["L"].unreported == {}
+    report()
+    report()
+    since = state.loaders["L"].unreported["a"]
+    assert [r.job.job_id for r in state.vanished("L", now=since + 5.0)] == ["a"]

@@ -235,6 +235,9 @@ class LoaderStatus(Contract):
     stopping: bool = Field(False, description="True on the last report before it stops.")
     memory_bytes: int = Field(0, description="Bytes of resident models.")
     memory_budget_bytes: int = Field(0, description="Its budget for resident models.")
+    running: list[str] | None = Field(
+        None, description="Ids of the jobs it is running now (None: it does not say)."
+    )
 
 
 class PrepareModel(Contract):

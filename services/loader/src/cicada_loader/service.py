@@ -191,6 +191,7 @@ class LoaderService:
             stopping=self._stopping,
             memory_bytes=self.residency.used_bytes,
             memory_budget_bytes=self.residency.budget_bytes,
+            running=sorted(self.scopes),
         )
         await self.bus.publish(status, self.names.scheduler_inbox)
 

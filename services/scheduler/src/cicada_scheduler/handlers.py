@@ -192,6 +192,13 @@ class Handlers:
             if self.state.heartbeat(message):
                 log.info("loader_joined", loader=message.loader_id, node=message.node)
                 await self._prepare_waiting()
+            for record in self.state.vanished(message.loader_id):
+                why = (
+                    f"loader {message.loader_id} no longer runs the job "
+                    "(it lost its broker connection, or restarted)"
+                )
+                log.warning("job_lost", job_id=record.job.job_id, loader=message.loader_id)
+                await self._fail(record, "LoaderLost", why)
             await self.dispatch()
         elif isinstance(message, ModelPrepared):
             self._prepared(message)

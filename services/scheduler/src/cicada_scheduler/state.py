@@ -94,6 +94,8 @@ class LoaderRecord:
     status: LoaderStatus
     seen: float = field(default_factory=time.monotonic)
     running: set[str] = field(default_factory=set)  # job ids we dispatched to it
+    #: job ids among ``running`` that its reports have left out, and since when
+    unreported: dict[str, float] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)  # models it is cold-starting for us
 
     @property
@@ -241,7 +243,22 @@ class State:
             return True
         new = record.status.node == "?"
         record.status, record.seen = status, time.monotonic()
+        if status.running is not None:
+            now, said = time.monotonic(), set(status.running)
+            record.unreported = {
+                j: record.unreported.get(j, now) for j in record.running if j not in said
+            }
         return new
+
+    def vanished(self, loader_id: str, *, now: float | None = None) -> list[JobRecord]:
+        """Jobs placed on ``loader_id`` that its reports have left out for the loader timeout:
+        it lost them (its connection dropped mid-job, or it restarted under the same id)."""
+        record = self.loaders.get(loader_id)
+        if record is None:
+            return []
+        now = time.monotonic() if now is None else now
+        gone = [j for j, since in record.unreported.items() if now - since >= self.loader_timeout_s]
+        return [self.jobs[j] for j in gone if j in self.jobs and self.jobs[j].finished_at is None]
 
     def alive(self) -> list[LoaderRecord]:
         now = time.monotonic()
