@@ -12,6 +12,16 @@ from cicada_shared.errors import InvalidInput
 
 TINY = {"vocab_size": 100, "hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1}
 
+GPT2 = {
+    "model_type": "gpt2",
+    "architectures": ["GPT2Model"],
+    "vocab_size": 100,
+    "n_embd": 16,
+    "n_head": 2,
+    "n_layer": 1,
+    "n_positions": 24,
+}
+
 
 def limits_of(config: dict[str, Any]) -> Any:
     arch = resolve(config)
@@ -30,17 +40,7 @@ def test_learned_tables_give_the_limits() -> None:
         }
     )
     assert (bert.vocab, bert.token_types, bert.positions) == (100, 2, 32)
-    _, gpt2 = limits_of(
-        {
-            "model_type": "gpt2",
-            "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": 100,
-            "n_embd": 16,
-            "n_head": 2,
-            "n_layer": 1,
-            "n_positions": 24,
-        }
-    )
+    _, gpt2 = limits_of({**GPT2, "architectures": ["GPT2LMHeadModel"]})
     assert (gpt2.vocab, gpt2.token_types, gpt2.positions) == (100, None, 24)
 
 
@@ -72,17 +72,7 @@ def test_relative_or_rotary_positions_set_no_length_limit(config: dict[str, Any]
 
 
 def test_position_ids_may_be_shared_across_the_batch() -> None:
-    arch, limits = limits_of(
-        {
-            "model_type": "gpt2",
-            "architectures": ["GPT2Model"],
-            "vocab_size": 100,
-            "n_embd": 16,
-            "n_head": 2,
-            "n_layer": 1,
-            "n_positions": 24,
-        }
-    )
+    arch, limits = limits_of(GPT2)
     ids = torch.ones(3, 5, dtype=torch.long)
     arch.check_inputs({"input_ids": ids, "position_ids": torch.arange(5)[None]}, limits)
     with pytest.raises(InvalidInput, match=r"position_ids has shape \[2, 5\]"):

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import msgpack
@@ -34,6 +34,9 @@ from pydantic import ValidationError
 from cicada_shared.contracts import CONTENT_TYPE, Contract, Message, Reply, decode, encode
 from cicada_shared.errors import MessageTooLarge
 from cicada_shared.topology import Names, Topology
+
+if TYPE_CHECKING:
+    from cicada_shared.settings import MeshSettings
 
 log = structlog.get_logger("cicada.bus")
 
@@ -69,6 +72,16 @@ class Bus:
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._pending: dict[str, asyncio.Future[Message]] = {}
         self._reply_queue: AbstractQueue | None = None
+
+    @classmethod
+    def for_settings(cls, settings: MeshSettings, *, client: str) -> Bus:
+        """The bus a service's settings describe: broker URL, namespace, message limit."""
+        return cls(
+            settings.amqp_url,
+            settings.names,
+            client=client,
+            max_message_bytes=settings.max_message_bytes,
+        )
 
     @property
     def topology(self) -> Topology:

@@ -11,12 +11,13 @@ exchange with routing key ``job`` and read the ``JobResult`` from your ``reply_t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from cicada_shared.errors import CicadaError
+from cicada_shared.errors import CicadaError, MessageTooLarge
 
 CONTENT_TYPE = "application/msgpack"
 VERSION = 1
@@ -76,6 +77,15 @@ class ErrorInfo(BaseModel):
     def of(cls, error: BaseException) -> ErrorInfo:
         kind = error.kind if isinstance(error, CicadaError) else type(error).__name__
         return cls(kind=kind, message=str(error) or kind)
+
+
+def check_payload(tensors: Iterable[Tensor], limit: int, what: str, advice: str = "") -> None:
+    """Refuse ``tensors`` whose bytes one message cannot carry (``MessageTooLarge``)."""
+    size = sum(len(t.data) for t in tensors)
+    if size > limit:
+        raise MessageTooLarge(
+            f"the {what} take {size} bytes, more than one message may carry ({limit}){advice}"
+        )
 
 
 class TensorSpec(BaseModel):

@@ -50,6 +50,7 @@ from cicada_shared.contracts import (
     Reply,
     Tensor,
     UnregisterModel,
+    check_payload,
 )
 from cicada_shared.errors import MessageTooLarge
 from cicada_shared.settings import MeshSettings
@@ -104,12 +105,7 @@ class Mesh:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.bus = Bus(
-            settings.amqp_url,
-            settings.names,
-            client="gateway",
-            max_message_bytes=settings.max_message_bytes,
-        )
+        self.bus = Bus.for_settings(settings, client="gateway")
         self.accepted: OrderedDict[str, float] = OrderedDict()  # async jobs, recently
 
     async def call(self, message: Any) -> Reply:
@@ -451,9 +447,7 @@ def _job(name: str, body: InferenceRequest, limit: int) -> InferJob:
         raise BadRequest(f"inputs repeat a name: {names}")
     deadline = number_param(body, "deadline_s")
     inputs = [to_wire(i) for i in body.inputs]
-    size = sum(len(t.data) for t in inputs)
-    if size > limit:
-        raise ApiError(413, f"the inputs take {size} bytes, more than one job may carry ({limit})")
+    check_payload(inputs, limit, "inputs")  # 413
     return InferJob(
         job_id=uuid.uuid4().hex,
         model=name,

@@ -58,13 +58,13 @@ from cicada_shared.contracts import (
     RunJob,
     TensorSpec,
     UnloadModel,
+    check_payload,
 )
 from cicada_shared.errors import (
     CicadaError,
     DeadlineExceeded,
     InvalidInput,
     LoadCancelled,
-    MessageTooLarge,
 )
 from cicada_shared.service import InFlight
 from cicada_shared.settings import MeshSettings
@@ -103,12 +103,7 @@ class LoaderService:
         self.settings = settings
         self.id = settings.loader_id
         self.names = settings.names
-        self.bus = Bus(
-            settings.amqp_url,
-            settings.names,
-            client=f"loader {self.id}",
-            max_message_bytes=settings.max_message_bytes,
-        )
+        self.bus = Bus.for_settings(settings, client=f"loader {self.id}")
         self.orders = OrderBook(settings.cache_dir / "orders")
         self.announcements = Announcements()
         budget = settings.loader_memory_bytes or int(psutil.virtual_memory().total * 0.6)
@@ -297,6 +292,7 @@ class LoaderService:
                 compute_s = timeline.get("exec_busy_s")
             else:  # the scheduler marked it running when it sent it here
                 resident.in_use += 1  # here, so that no unload can slip in before the thread
+                resident.last_used = time.time()
                 try:
                     outputs, compute_s = await asyncio.get_running_loop().run_in_executor(
                         self.compute, self._warm, resident, inputs, scope
@@ -306,12 +302,8 @@ class LoaderService:
                     resident.last_used = time.time()
                 timeline = {}
             wire = [from_torch(k, v) for k, v in select(outputs, job.outputs).items()]
-            size = sum(len(t.data) for t in wire)
-            if size > self.settings.payload_limit:
-                raise MessageTooLarge(
-                    f"the outputs take {size} bytes, more than one message may carry "
-                    f"({self.settings.payload_limit}); ask for fewer outputs or a smaller batch"
-                )
+            advice = "; ask for fewer outputs or a smaller batch"
+            check_payload(wire, self.settings.payload_limit, "outputs", advice)
             result = JobResult(
                 state="succeeded",
                 cold=cold,
@@ -418,7 +410,6 @@ class LoaderService:
     def _warm(
         self, resident: Resident, inputs: dict[str, torch.Tensor], scope: JobScope
     ) -> tuple[dict[str, torch.Tensor], float]:
-        resident.last_used = time.time()
         if resident.arch is not None:
             resident.arch.check_inputs(inputs, resident.limits)
         args = {k: v.to(self.device) for k, v in inputs.items()}

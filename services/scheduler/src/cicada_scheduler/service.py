@@ -45,12 +45,7 @@ class SchedulerSettings(MeshSettings):
 class SchedulerService:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.bus = Bus(
-            settings.amqp_url,
-            settings.names,
-            client="scheduler",
-            max_message_bytes=settings.max_message_bytes,
-        )
+        self.bus = Bus.for_settings(settings, client="scheduler")
         self.state = State(
             loader_timeout_s=settings.scheduler_loader_timeout_s,
             priorities=settings.scheduler_priorities,

@@ -84,12 +84,7 @@ class SharedFetch:
 class WeightsService:
     def __init__(self, settings: WeightsSettings) -> None:
         self.settings = settings
-        self.bus = Bus(
-            settings.amqp_url,
-            settings.names,
-            client=f"weights@{settings.node}",
-            max_message_bytes=settings.max_message_bytes,
-        )
+        self.bus = Bus.for_settings(settings, client=f"weights@{settings.node}")
         self.fetcher = Fetcher(
             settings.cache_dir / "files",
             workers=settings.weights_workers,

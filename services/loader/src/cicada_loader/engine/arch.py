@@ -231,20 +231,14 @@ def input_limits(model: nn.Module) -> InputLimits:
     with contextlib.suppress(AttributeError, NotImplementedError):
         table = model.get_input_embeddings()  # type: ignore[operator]
         vocab = table.num_embeddings if isinstance(table, nn.Embedding) else None
-    sizes: dict[str, list[int]] = {"types": [], "positions": []}
-    for name, module in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if not isinstance(module, nn.Embedding):
-            continue
-        if last == "token_type_embeddings":
-            sizes["types"].append(module.num_embeddings)
-        elif last == "wpe" or "position" in last:
-            sizes["positions"].append(module.num_embeddings)
-    return InputLimits(
-        vocab,
-        min(sizes["types"], default=None),
-        min(sizes["positions"], default=None),
-    )
+    tables = [
+        (name.rsplit(".", 1)[-1], m.num_embeddings)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding)
+    ]
+    types = [n for last, n in tables if last == "token_type_embeddings"]
+    positions = [n for last, n in tables if last == "wpe" or "position" in last]
+    return InputLimits(vocab, min(types, default=None), min(positions, default=None))
 
 
 def _check_range(name: str, values: Any, size: Any, noun: str) -> None:
